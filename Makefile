@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch and torchvision first, pinned to the builds this machine serves; elsewhere any release
+# inside pyproject's ranges works.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint install dev bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install $(TORCH_PIN) || $(BIN)/pip install "torch>=2.4" "torchvision>=0.19"
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install dev: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/densenets train
+	$(BIN)/densenets summary densenet121
+	$(BIN)/densenets paper
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks hubconf.py
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks hubconf.py
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,151 @@
+"""Verbs that look at models without training them: models, summary, paper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.table import Table
+
+from ..inspect import human, model_stats, paper_tables, summary
+from ..zoo import VARIANTS, cifar_config, create_model, list_models
+from .output import console
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model zoo with parameters and MACs",
+                       description="Every zoo name with parameters and multiply-adds at its "
+                                   "native input size (224x224 ImageNet, 32x32 CIFAR/SVHN).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "summary", help="per-layer shapes, parameters and MACs of a model",
+        description="One row per stem op, dense layer, dense block, transition, pool and "
+                    "classifier. MODEL is a zoo name (densenet121, densenet-bc-100-k12, ...) or "
+                    "a variant (densenet, densenet-b, densenet-c, densenet-bc) with --depth.")
+    p.add_argument("model", help="zoo name or variant")
+    add_model_overrides(p)
+    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                   help="input size (default: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch dimension (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("paper", help="the paper's Tables 1 and 2 beside our computed numbers")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_paper)
+
+
+def add_model_overrides(p: argparse.ArgumentParser) -> None:
+    """Flags that change a zoo model's architecture (shared by every verb that builds one)."""
+    g = p.add_argument_group("architecture overrides")
+    g.add_argument("--depth", type=int, help="depth L for a CIFAR/SVHN variant name")
+    g.add_argument("--growth-rate", "-k", type=int, help="growth rate k")
+    g.add_argument("--compression", type=float, help="compression theta in (0, 1]")
+    g.add_argument("--block-config", type=int, nargs="+", metavar="N", help="layers per block")
+    g.add_argument("--init-features", type=int, dest="num_init_features",
+                   help="channels of the stem convolution")
+    g.add_argument("--num-classes", type=int, help="classifier outputs")
+    g.add_argument("--in-channels", type=int, help="input image channels")
+    g.add_argument("--stem", choices=("imagenet", "cifar"), help="stem type")
+    g.add_argument("--drop-rate", type=float, help="dropout after each convolution")
+
+
+def model_from_args(args: argparse.Namespace):
+    """Build the model a verb was asked for: a zoo name plus overrides, or a variant + --depth."""
+    overrides = {k: getattr(args, k) for k in ("growth_rate", "compression", "num_init_features",
+                                              "num_classes", "in_channels", "stem", "drop_rate")
+                 if getattr(args, k, None) is not None}
+    if getattr(args, "block_config", None):
+        overrides["block_config"] = tuple(args.block_config)
+    name = args.model.lower()
+    if name in VARIANTS:
+        if args.depth is None:
+            raise ValueError(f"{name} needs --depth, e.g. `densenets summary {name} --depth 100`")
+        k = overrides.pop("growth_rate", 12)
+        cfg = {**cifar_config(name, args.depth, k), **overrides}
+        from ..model import DenseNet
+
+        return f"{name}-{args.depth}-k{k}", DenseNet(**cfg)
+    if getattr(args, "depth", None) is not None:
+        raise ValueError("--depth applies to a variant name (densenet, densenet-b, densenet-c, "
+                         f"densenet-bc), not to {args.model!r}")
+    return name, create_model(name, **overrides)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    stats = [model_stats(n) for n in list_models()]
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    t = Table(title="densenets model zoo (MACs = multiply-adds at the native input size)")
+    for col in ("model", "k", "blocks", "B", "theta", "input", "params", "MACs"):
+        t.add_column(col, justify="left" if col in ("model", "blocks") else "right")
+    for s in stats:
+        t.add_row(s["name"], str(s["growth_rate"]), str(tuple(s["block_config"])),
+                  "yes" if s["bottleneck"] else "no", f"{s['compression']:g}",
+                  "x".join(map(str, s["input_size"][1:])), f"{s['params']:,}", human(s["macs"]))
+    console().print(t)
+    print("Any depth works for CIFAR/SVHN names: densenet-{L}-k{k} (L = 3n+4), "
+          "densenet-bc-{L}-k{k} (L = 6n+4), also densenet-b- and densenet-c-.")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    name, model = model_from_args(args)
+    if args.input_size:
+        size = (args.batch_size, *args.input_size)
+    else:
+        side = 224 if model.config.stem == "imagenet" else 32
+        size = (args.batch_size, model.config.in_channels, side, side)
+    s = summary(model, size, name=name)
+    if args.json:
+        print(s.to_json())
+    else:
+        console().print(s.table())
+        print(f"MACs: multiply-adds of conv and linear layers, {s.total_macs / 1e9:.3f} G "
+              f"(x2 = {2 * s.total_macs / 1e9:.3f} GFLOPs)")
+    return 0
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    tables = paper_tables()
+    if args.json:
+        print(json.dumps(tables, indent=2))
+        return 0
+    out = console()
+    t = Table(title="Table 1 + 3: ImageNet models (224x224, 1000 classes). Error % = paper, "
+                    "single-crop / 10-crop; torchvision acc % = resize 256 bilinear, crop 224")
+    for col in ("model", "blocks", "k", "params (ours)", "params (torchvision)", "match",
+                "GMACs", "top-1 err", "top-5 err", "tv top-1/top-5 acc"):
+        t.add_column(col, justify="left" if col in ("model", "blocks") else "right")
+    for r in tables["table1"]:
+        tv = "-" if r["torchvision_params"] is None else f"{r['torchvision_params']:,}"
+        t.add_row(r["name"], str(tuple(r["block_config"])), str(r["growth_rate"]),
+                  f"{r['params']:,}", tv, "yes" if r["params_match"] else "NO",
+                  f"{r['macs'] / 1e9:.2f}",
+                  f"{_fmt(r['top1_err_1crop'])} / {_fmt(r['top1_err_10crop'])}",
+                  f"{_fmt(r['top5_err_1crop'])} / {_fmt(r['top5_err_10crop'])}",
+                  f"{_fmt(r['torchvision_top1_acc'], '.3f')} / "
+                  f"{_fmt(r['torchvision_top5_acc'], '.3f')}")
+    out.print(t)
+    t = Table(title="Table 2: CIFAR/SVHN models (32x32, 10 classes). Test error % from the "
+                    "paper; + = standard augmentation")
+    for col in ("model", "L", "k", "params (paper)", "params (ours)", "match", "MMACs",
+                "C10", "C10+", "C100", "C100+", "SVHN"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in tables["table2"]:
+        depth = r["name"].split("-")[-2]
+        e = r["errors"]
+        t.add_row(r["name"], depth, str(r["growth_rate"]), f"{r['paper_params_m']:.1f}M",
+                  f"{r['params']:,}", "yes" if r["params_match"] else "NO",
+                  f"{r['macs'] / 1e6:.0f}", *(_fmt(e[c]) for c in ("C10", "C10+", "C100",
+                                                                    "C100+", "SVHN")))
+    out.print(t)
+    print(tables["macs_convention"])
+    return 0

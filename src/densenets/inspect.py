@@ -1,0 +1,230 @@
+"""Look inside a DenseNet: per-layer shapes, parameters and multiply-adds.
+
+MACs count multiply-accumulates of convolutions and the classifier (one per weight use),
+the convention under which DenseNet-121 at 224x224 costs 2.87 G; a FLOP counter that counts
+two per multiply-add reports twice that. BatchNorm, ReLU and pooling are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .model import DenseBlock, DenseLayer, DenseNet, Transition
+
+
+@dataclass
+class Row:
+    """One line of a summary: a stem op, dense layer, block, transition, pool or classifier."""
+
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    depth: int = 0  # 1 for dense layers listed under their block
+    connections: int | None = None  # direct connections, for dense blocks
+
+
+@dataclass
+class Summary:
+    """The result of :func:`summary`; ``print()`` renders the table."""
+
+    model_name: str
+    input_size: tuple[int, ...]
+    rows: list[Row] = field(default_factory=list)
+    total_params: int = 0
+    trainable_params: int = 0
+    total_macs: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model_name,
+            "input_size": list(self.input_size),
+            "rows": [dict(asdict(r), output_shape=list(r.output_shape)) for r in self.rows],
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "total_macs": self.total_macs,
+            "macs_convention": "multiply-adds of conv and linear layers",
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self):
+        """A rich Table of the rows and totals."""
+        from rich.table import Table
+
+        t = Table(title=f"{self.model_name}  input {tuple(self.input_size)}", show_lines=False)
+        for col, just in (("layer", "left"), ("kind", "left"), ("output shape", "right"),
+                          ("params", "right"), ("MACs", "right"), ("connections", "right")):
+            t.add_column(col, justify=just)
+        for r in self.rows:
+            indent = "  " * r.depth
+            t.add_row(indent + r.name, r.kind, "x".join(map(str, r.output_shape)),
+                      f"{r.params:,}", human(r.macs),
+                      "" if r.connections is None else str(r.connections))
+        t.add_section()
+        t.add_row("total", "", "", f"{self.total_params:,}", human(self.total_macs), "")
+        return t
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=110, record=True, file=_Null(), color_system=None)
+        console.print(self.table())
+        console.print(f"MACs = multiply-adds of conv and linear layers "
+                      f"({self.total_macs / 1e9:.3f} G; x2 for FLOPs)")
+        return console.export_text().rstrip()
+
+
+class _Null:
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _leaf_macs(module: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    return 0
+
+
+def _described(model: DenseNet) -> list[tuple[str, str, nn.Module, int]]:
+    """(name, kind, module, depth) for every row, in forward order."""
+    items: list[tuple[str, str, nn.Module, int]] = []
+    for name, m in model.features.named_children():
+        if isinstance(m, DenseBlock):
+            items.append((name, f"dense block ({m.num_layers} layers)", m, 0))
+            for lname, layer in m.named_children():
+                items.append((lname, f"dense layer (+{layer.growth_rate})", layer, 1))
+        elif isinstance(m, Transition):
+            items.append((name, "transition", m, 0))
+        else:
+            items.append((name, type(m).__name__, m, 0))
+    items.append(("global_pool", "AdaptiveAvgPool2d", model.global_pool, 0))
+    items.append(("classifier", "Linear", model.classifier, 0))
+    return items
+
+
+def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
+            name: str | None = None) -> Summary:
+    """Run one forward pass (eval mode, no grad) and tabulate every stem op, dense layer,
+    dense block, transition, pool and the classifier.
+
+    ``input_size`` is (N, C, H, W) or (C, H, W). A dense layer's row shows the block's
+    concatenated feature map after that layer (k channels more than the row before).
+    The model's train/eval mode is restored afterwards; nothing in it changes.
+    """
+    if not isinstance(model, DenseNet):
+        raise TypeError(f"summary expects a densenets.DenseNet, got {type(model).__name__}")
+    size = tuple(int(s) for s in input_size)
+    if len(size) == 3:
+        size = (1, *size)
+    if len(size) != 4:
+        raise ValueError(f"input_size must be (N, C, H, W) or (C, H, W), got {input_size}")
+    param = next(model.parameters())
+    x = torch.zeros(size, device=param.device, dtype=param.dtype)
+    model.check_input(x)
+
+    macs: dict[nn.Module, int] = {}
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def leaf_hook(m: nn.Module, _inp, out) -> None:
+        macs[m] = macs.get(m, 0) + _leaf_macs(m, out)
+
+    def shape_hook(m: nn.Module, inp, out) -> None:
+        if isinstance(m, DenseLayer):
+            # Show the block's concatenated width after this layer, as the paper counts it.
+            n, c, h, w = inp[0].shape
+            shapes[m] = (n, c + out.shape[1], h, w)
+        else:
+            shapes[m] = tuple(out.shape)
+
+    rows_spec = _described(model)
+    handles = [m.register_forward_hook(leaf_hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles += [m.register_forward_hook(shape_hook) for _, _, m, _ in rows_spec]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    result = Summary(name or getattr(model, "name", None) or "DenseNet", size)
+    for rname, kind, m, depth in rows_spec:
+        row_macs = sum(macs.get(sub, 0) for sub in m.modules())
+        conn = m.num_connections if isinstance(m, DenseBlock) else None
+        result.rows.append(Row(rname, kind, shapes[m], count_params(m), row_macs, depth, conn))
+    result.total_params = count_params(model)
+    result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result.total_macs = sum(macs.values())
+    return result
+
+
+def model_stats(name: str, **overrides) -> dict:
+    """Parameters and MACs of a zoo model at its native input size, computed on the meta
+    device (shapes only, no memory, no arithmetic)."""
+    from .zoo import create_model, native_input_size
+
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    size = (1, model.config.in_channels, *native_input_size(name)[1:])
+    s = summary(model, size, name=name)
+    return {"name": name, "input_size": list(size[1:]), "params": s.total_params,
+            "macs": s.total_macs, "growth_rate": model.config.growth_rate,
+            "block_config": list(model.config.block_config),
+            "bottleneck": model.config.bottleneck, "compression": model.config.compression,
+            "stem": model.config.stem, "num_classes": model.config.num_classes}
+
+
+def paper_tables() -> dict:
+    """Table 1 and Table 2 of the paper beside our computed parameter counts and MACs."""
+    from . import paper
+
+    t1 = []
+    for name, tv_params, e1, e10, t5_1, t5_10, tv1, tv5 in paper.IMAGENET_ROWS:
+        st = model_stats(name)
+        t1.append({**st, "torchvision_params": tv_params,
+                   "params_match": tv_params is None or tv_params == st["params"],
+                   "top1_err_1crop": e1, "top1_err_10crop": e10,
+                   "top5_err_1crop": t5_1, "top5_err_10crop": t5_10,
+                   "torchvision_top1_acc": tv1, "torchvision_top5_acc": tv5})
+    t2 = []
+    for name, params_m, *errors in paper.TABLE2_ROWS:
+        st = model_stats(name)
+        t2.append({**st, "paper_params_m": params_m,
+                   "params_match": round(st["params"] / 1e6, 1) == params_m,
+                   "errors": dict(zip(paper.TABLE2_COLUMNS, errors, strict=True))})
+    for name, params_m, c10p, c100p in paper.WIDE_SHALLOW_ROWS:
+        st = model_stats(name)
+        t2.append({**st, "paper_params_m": params_m,
+                   "params_match": round(st["params"] / 1e6, 1) == params_m,
+                   "errors": {"C10": None, "C10+": c10p, "C100": None, "C100+": c100p,
+                              "SVHN": None}})
+    return {"table1": t1, "table2": t2,
+            "macs_convention": "multiply-adds of conv and linear layers; FLOPs = 2 x MACs"}

@@ -1,0 +1,279 @@
+"""DenseNet: stems, dense blocks, transitions, the classifier, and He initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .layers import DenseLayer, Transition, compressed_channels
+
+STEMS = ("imagenet", "cifar")
+
+
+@dataclass
+class DenseNetConfig:
+    """Everything that defines a DenseNet's architecture (what a checkpoint must carry)."""
+
+    growth_rate: int = 32
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    num_init_features: int = 64
+    bottleneck: bool = True
+    bn_size: int = 4
+    compression: float = 0.5
+    drop_rate: float = 0.0
+    num_classes: int = 1000
+    in_channels: int = 3
+    stem: str = "imagenet"
+    memory_efficient: bool = False
+
+    def __post_init__(self) -> None:
+        self.block_config = tuple(self.block_config)
+        validate_config(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_config"] = list(self.block_config)
+        return d
+
+
+def validate_config(c: DenseNetConfig) -> None:
+    """Raise ValueError naming the bad field and what would be valid."""
+    def _int(name: str, v: object) -> None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+
+    _int("growth_rate", c.growth_rate)
+    if c.growth_rate < 1:
+        raise ValueError(f"growth_rate must be >= 1 (the paper uses 12-48), got {c.growth_rate}")
+    if not c.block_config:
+        raise ValueError("block_config must list at least one dense block, e.g. (6, 12, 24, 16)")
+    for n in c.block_config:
+        _int("block_config entries", n)
+        if n < 1:
+            raise ValueError(
+                f"every dense block needs at least one layer; got block_config={c.block_config}"
+            )
+    if not 0.0 < float(c.compression) <= 1.0:
+        raise ValueError(
+            f"compression (theta) must be in (0, 1], got {c.compression}; "
+            "the paper uses 0.5 (-C) or 1"
+        )
+    for name in ("num_init_features", "bn_size", "num_classes", "in_channels"):
+        _int(name, getattr(c, name))
+        if getattr(c, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+    if not 0.0 <= float(c.drop_rate) < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {c.drop_rate}")
+    if c.stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {c.stem!r}")
+
+
+class DenseBlock(nn.Module):
+    """L dense layers; layer l reads the concatenation of the block input and layers 1..l-1.
+
+    Returns the concatenation of the input and all L new maps: in + L*k channels.
+    ``memory_efficient`` switches training-mode forward to the shared-buffer implementation
+    in :mod:`densenets.efficient`; parameters and outputs are the same in both modes.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        bottleneck: bool = True,
+        bn_size: int = 4,
+        drop_rate: float = 0.0,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.out_channels = in_channels + num_layers * growth_rate
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size,
+                               drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    @property
+    def layers(self) -> list[DenseLayer]:
+        return [m for m in self.children() if isinstance(m, DenseLayer)]
+
+    @property
+    def num_connections(self) -> int:
+        """Direct connections in the block: layer l has l inputs, so L(L+1)/2 in all."""
+        return self.num_layers * (self.num_layers + 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory_efficient and self.training and torch.is_grad_enabled():
+            from .efficient import efficient_block_forward
+
+            return efficient_block_forward(self, x)
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+class DenseNet(nn.Module):
+    """Densely Connected Convolutional Network (Huang et al., CVPR 2017).
+
+    Args:
+        growth_rate: k, the feature maps each dense layer adds.
+        block_config: layers per dense block.
+        num_init_features: channels of the stem convolution (2k for -BC nets, 16 for plain CIFAR).
+        bottleneck: use the 1x1 bottleneck of width ``bn_size * k`` (the paper's -B).
+        bn_size: bottleneck width multiplier (4 in the paper).
+        compression: theta in (0, 1]; a transition after m channels emits floor(theta * m).
+        drop_rate: dropout after every convolution except the stem (0.2 without augmentation).
+        num_classes: size of the classifier.
+        in_channels: channels of the input image (1 for grayscale, more for multispectral).
+        stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or "cifar" (one 3x3 conv).
+        memory_efficient: shared-buffer dense blocks whose memory is linear in depth.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bottleneck: bool = True,
+        bn_size: int = 4,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        cfg = DenseNetConfig(growth_rate, tuple(block_config), num_init_features, bottleneck,
+                             bn_size, compression, drop_rate, num_classes, in_channels, stem,
+                             memory_efficient)
+        self.config = cfg
+        self.features = nn.Sequential()
+        self._add_stem(cfg)
+        channels = cfg.num_init_features
+        self.feature_info: list[dict] = [
+            {"module": "features.pool0" if cfg.stem == "imagenet" else "features.conv0",
+             "num_chs": channels, "reduction": self.stem_reduction}
+        ]
+        reduction = self.stem_reduction
+        for i, num_layers in enumerate(cfg.block_config):
+            block = DenseBlock(num_layers, channels, cfg.growth_rate, cfg.bottleneck, cfg.bn_size,
+                               cfg.drop_rate, cfg.memory_efficient)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels = block.out_channels
+            self.feature_info.append(
+                {"module": f"features.denseblock{i + 1}", "num_chs": channels,
+                 "reduction": reduction}
+            )
+            if i != len(cfg.block_config) - 1:
+                out = compressed_channels(channels, cfg.compression)
+                self.features.add_module(f"transition{i + 1}",
+                                         Transition(channels, out, cfg.drop_rate))
+                channels = out
+                reduction *= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.features.add_module("relu5", nn.ReLU(inplace=True))
+        self.num_features = channels
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, cfg.num_classes)
+        self.reset_parameters()
+
+    @property
+    def stem_reduction(self) -> int:
+        return 4 if self.config.stem == "imagenet" else 1
+
+    def _add_stem(self, cfg: DenseNetConfig) -> None:
+        f = self.features
+        if cfg.stem == "imagenet":
+            f.add_module("conv0", nn.Conv2d(cfg.in_channels, cfg.num_init_features, 7, 2, 3,
+                                            bias=False))
+            f.add_module("norm0", nn.BatchNorm2d(cfg.num_init_features))
+            f.add_module("relu0", nn.ReLU(inplace=True))
+            f.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        else:
+            f.add_module("conv0", nn.Conv2d(cfg.in_channels, cfg.num_init_features, 3, 1, 1,
+                                            bias=False))
+
+    def reset_parameters(self) -> None:
+        """He initialisation with fan-out, as the authors' released training code draws it.
+
+        N(0, 2 / (kh * kw * out_channels)) for every convolution; BN scale 1, shift 0;
+        classifier bias 0. Fan-out keeps backward signal variance constant through the
+        concatenations, whose fan-in grows with depth inside a block.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest square input whose last dense block still sees a 1x1 map."""
+        size = 1
+        while _final_size(size, self.config.stem, len(self.config.block_config)) < 1:
+            size += 1
+        return size
+
+    def set_memory_efficient(self, enabled: bool = True) -> DenseNet:
+        """Switch every dense block between the plain and the memory-efficient forward."""
+        self.config.memory_efficient = enabled
+        for m in self.modules():
+            if isinstance(m, DenseBlock):
+                m.memory_efficient = enabled
+        return self
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError for an input this network cannot take, saying what would work."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+        c = self.config.in_channels
+        if x.shape[1] != c:
+            raise ValueError(
+                f"this DenseNet takes {c}-channel images but the input has {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)}); build the model with in_channels={x.shape[1]} or "
+                f"convert the images to {c} channels"
+            )
+        h, w = int(x.shape[2]), int(x.shape[3])
+        n = len(self.config.block_config)
+        if min(_final_size(h, self.config.stem, n), _final_size(w, self.config.stem, n)) < 1:
+            m = self.min_input_size
+            raise ValueError(
+                f"input {h}x{w} is too small for this DenseNet ({self.config.stem} stem, {n} "
+                f"blocks): the minimum is {m}x{m}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map after BN-ReLU: (N, num_features, H', W')."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(x)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, then the classifier unless ``pre_logits``."""
+        x = torch.flatten(self.global_pool(x), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _final_size(size: int, stem: str, num_blocks: int) -> int:
+    """Spatial size seen by the last dense block for an input of ``size`` pixels."""
+    if stem == "imagenet":
+        size = (size + 2 * 3 - 7) // 2 + 1 if size >= 1 else 0
+        size = (size + 2 * 1 - 3) // 2 + 1 if size >= 1 else 0
+    for _ in range(num_blocks - 1):
+        size //= 2
+    return size

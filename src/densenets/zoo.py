@@ -1,0 +1,128 @@
+"""Named configurations: the ImageNet models of Table 1 and the CIFAR/SVHN models of Table 2.
+
+ImageNet names are fixed (``densenet121`` ...). CIFAR/SVHN names are patterns that admit any
+valid depth: ``densenet-{L}-k{k}`` (plain, L = 3n + 4, 16-channel stem) and
+``densenet-bc-{L}-k{k}`` (bottleneck + compression 0.5, L = 6n + 4, 2k-channel stem), plus the
+other two variants ``densenet-b-{L}-k{k}`` (L = 6n + 4, 2k stem) and ``densenet-c-{L}-k{k}``
+(L = 3n + 4, 16-channel stem).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from .model import DenseNet
+
+IMAGENET: dict[str, dict[str, Any]] = {
+    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
+    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
+    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
+    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
+    "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
+}
+
+# variant prefix -> (bottleneck, compression, conv layers per dense layer)
+VARIANTS: dict[str, tuple[bool, float, int]] = {
+    "densenet": (False, 1.0, 1),
+    "densenet-b": (True, 1.0, 2),
+    "densenet-c": (False, 0.5, 1),
+    "densenet-bc": (True, 0.5, 2),
+}
+
+# Table 2 of the paper, plus the wide-shallow -BC nets the authors later recommended.
+TABLE2 = ["densenet-40-k12", "densenet-100-k12", "densenet-100-k24", "densenet-bc-100-k12",
+          "densenet-bc-250-k24", "densenet-bc-190-k40"]
+WIDE_SHALLOW = ["densenet-bc-40-k36", "densenet-bc-40-k48", "densenet-bc-40-k60"]
+
+_CIFAR_RE = re.compile(r"^(densenet(?:-bc|-b|-c)?)-(\d+)-k(\d+)$")
+
+
+def list_models() -> list[str]:
+    """Every named model of the zoo (CIFAR patterns accept any other valid depth too)."""
+    return list(IMAGENET) + TABLE2 + WIDE_SHALLOW
+
+
+def native_input_size(name: str) -> tuple[int, int, int]:
+    """(C, H, W) the named model was designed for."""
+    return (3, 224, 224) if name in IMAGENET else (3, 32, 32)
+
+
+def valid_depths_near(depth: int, per_layer: int) -> list[int]:
+    """The valid depths (3 * per_layer * n + 4, n >= 1) just below and above ``depth``."""
+    step = 3 * per_layer
+    valid = [step * n + 4 for n in range(1, max(1, (depth - 4) // step) + 2)]
+    below = [d for d in valid if d < depth][-1:]
+    above = [d for d in valid if d > depth][:1]
+    return below + above
+
+
+def cifar_config(variant: str, depth: int, growth_rate: int) -> dict[str, Any]:
+    """The DenseNet kwargs of a three-block CIFAR/SVHN net of the given variant and depth."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    bottleneck, compression, per_layer = VARIANTS[variant]
+    step = 3 * per_layer
+    if depth < step + 4 or (depth - 4) % step:
+        near = " and ".join(map(str, valid_depths_near(depth, per_layer)))
+        raise ValueError(
+            f"{variant} depth must be {step}n + 4 (three blocks of n layers, n >= 1); {depth} is "
+            f"not. Valid depths near it: {near}"
+        )
+    if growth_rate < 1:
+        raise ValueError(f"growth_rate must be >= 1, got {growth_rate}")
+    n = (depth - 4) // step
+    return dict(
+        growth_rate=growth_rate,
+        block_config=(n, n, n),
+        num_init_features=2 * growth_rate if bottleneck else 16,
+        bottleneck=bottleneck,
+        compression=compression,
+        num_classes=10,
+        stem="cifar",
+    )
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """Resolve a zoo name plus overrides to DenseNet keyword arguments."""
+    key = name.strip().lower()
+    if key in IMAGENET:
+        cfg: dict[str, Any] = dict(IMAGENET[key])
+    elif m := _CIFAR_RE.match(key):
+        k = int(overrides.get("growth_rate", m.group(3)))
+        cfg = cifar_config(m.group(1), int(m.group(2)), k)
+    else:
+        close = difflib.get_close_matches(key, list_models(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} Known: {', '.join(list_models())}; CIFAR/SVHN names "
+            "take any valid depth: densenet-{L}-k{k}, densenet-bc-{L}-k{k} (also -b, -c)."
+        )
+    cfg.update(overrides)
+    return cfg
+
+
+def create_model(name: str, **overrides: Any) -> DenseNet:
+    """Build a zoo model by name; keyword overrides replace any DenseNet argument.
+
+    ``create_model("densenet-bc-100-k12", num_classes=100)``,
+    ``create_model("densenet121", in_channels=1, memory_efficient=True)``.
+    """
+    return DenseNet(**model_config(name, **overrides))
+
+
+def _builder(name: str):
+    def build(**overrides: Any) -> DenseNet:
+        return create_model(name, **overrides)
+
+    build.__name__ = name
+    build.__doc__ = f"{name} ({IMAGENET[name]}); keyword overrides as in create_model."
+    return build
+
+
+densenet121 = _builder("densenet121")
+densenet161 = _builder("densenet161")
+densenet169 = _builder("densenet169")
+densenet201 = _builder("densenet201")
+densenet264 = _builder("densenet264")

@@ -127,7 +127,9 @@ def cmd_paper(args: argparse.Namespace) -> int:
     for r in tables["table1"]:
         tv = "-" if r["torchvision_params"] is None else f"{r['torchvision_params']:,}"
         t.add_row(r["name"], str(tuple(r["block_config"])), str(r["growth_rate"]),
-                  f"{r['params']:,}", tv, "yes" if r["params_match"] else "NO",
+                  f"{r['params']:,}", tv,
+                  "-" if r["torchvision_params"] is None else
+                  ("yes" if r["params_match"] else "NO"),
                   f"{r['macs'] / 1e9:.2f}",
                   f"{_fmt(r['top1_err_1crop'])} / {_fmt(r['top1_err_10crop'])}",
                   f"{_fmt(r['top5_err_1crop'])} / {_fmt(r['top5_err_10crop'])}",

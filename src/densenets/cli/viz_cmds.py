@@ -1,0 +1,151 @@
+"""Verbs that draw: reuse (the paper's Figure 5), diagram (the network and one dense block),
+report (one HTML page for a training run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .inspect_cmds import add_model_overrides, model_from_args
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reuse", help="the paper's feature-reuse heatmap (Figure 5) of a model",
+        description="For each dense block, how strongly each layer (and the transition or "
+                    "classifier after it) uses the maps of every earlier layer: mean |w| over "
+                    "the input channels each source produced. Writes the heatmap to -o and the "
+                    "matrix beside it as .json and .csv.")
+    p.add_argument("model", metavar="CHECKPOINT_OR_MODEL",
+                   help="a checkpoint (.pt/.pth/.safetensors) or a zoo name (random weights)")
+    add_model_overrides(p)
+    p.add_argument("-o", "--output", default="reuse.png", help="image file, .png or .svg "
+                   "(default reuse.png); the matrix goes to the same name with .json and .csv")
+    p.add_argument("--normalise", choices=("none", "target"), default="none",
+                   help="colour raw mean |w| (the paper) or scale each target to a maximum of 1")
+    p.add_argument("--json", action="store_true", help="also print the matrix as JSON")
+    p.set_defaults(func=cmd_reuse)
+
+    p = sub.add_parser(
+        "diagram", help="draw the network and one dense block's connections",
+        description="The network (stem, blocks, transitions, head with channels and spatial "
+                    "sizes) and one dense block wired as in the paper's Figure 1, drawn from "
+                    "the model itself.")
+    p.add_argument("model", metavar="MODEL", help="a zoo name, a variant with --depth, or a "
+                   "training checkpoint (.pt)")
+    add_model_overrides(p)
+    p.add_argument("-o", "--output", default="model.svg", help=".svg or .png (default model.svg)")
+    p.add_argument("--block", type=int, default=1, help="which dense block to draw (default 1)")
+    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                   help="input size for the spatial sizes (default: the model's native size)")
+    p.add_argument("--json", action="store_true", help="print what was drawn as JSON")
+    p.set_defaults(func=cmd_diagram)
+
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page for a training run",
+        description="Configuration, curves, final metrics against the paper, model summary, "
+                    "architecture and feature-reuse heatmap of a run directory, in one HTML "
+                    "file that needs no network.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by densenets train")
+    p.add_argument("-o", "--output", help="HTML file (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+
+
+def _is_file_spec(spec: str) -> bool:
+    return Path(spec).suffix.lower() in WEIGHT_SUFFIXES or Path(spec).is_file()
+
+
+def _load_weights(path: Path) -> dict:
+    """A state_dict from a training checkpoint, a bare state_dict, or a safetensors file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"cannot load {path} as weights ({first})") from None
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            sd = sd["model"]
+        elif isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds no state_dict (found {type(sd).__name__})")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
+    path = Path(out)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"-o must end in {' or '.join(suffixes)}, got {out!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cmd_reuse(args: argparse.Namespace) -> int:
+    from .. import reuse
+
+    out = _output_path(args.output, (".png", ".svg"))
+    if _is_file_spec(args.model):
+        state, name = _load_weights(Path(args.model)), Path(args.model).name
+    else:
+        name, model = model_from_args(args)
+        state = model.state_dict()
+    blocks = reuse.feature_reuse(state)
+    reuse.plot(blocks, out, title=f"Feature reuse of {name}", normalisation=args.normalise)
+    reuse.write_json(blocks, out.with_suffix(".json"))
+    reuse.write_csv(blocks, out.with_suffix(".csv"))
+    if args.json:
+        print(json.dumps(reuse.to_json(blocks), indent=2))
+    else:
+        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')} "
+              f"({len(blocks)} dense blocks)")
+    return 0
+
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    from ..diagram import diagram
+    from ..report import load_checkpoint, model_from_checkpoint
+
+    out = _output_path(args.output, (".svg", ".png"))
+    input_size = tuple(args.input_size) if args.input_size else None
+    if _is_file_spec(args.model):
+        ckpt = load_checkpoint(args.model)
+        model, name = model_from_checkpoint(ckpt), ckpt.get("model_name") or args.model
+        crop = ((ckpt.get("meta") or {}).get("preprocessing") or {}).get("crop")
+        if input_size is None and crop:
+            input_size = (model.config.in_channels, crop, crop)
+    else:
+        name, model = model_from_args(args)
+    info = diagram(model, out, block=args.block, input_size=input_size,
+                   title=f"{name}: {model.config.block_config} layers per block, "
+                         f"k={model.config.growth_rate}, "
+                         f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"wrote {out}: {len(model.config.block_config)} dense blocks; block {args.block} has "
+              f"{info['num_layers']} layers and {info['connections']} connections "
+              f"(L(L+1)/2), plus {info['exit_connections']} into the "
+              f"{'transition' if args.block < len(model.config.block_config) else 'classifier'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import write_report
+
+    out = Path(args.output) if args.output else Path(args.run_dir) / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"-o must end in .html, got {str(out)!r}")
+    path = write_report(args.run_dir, out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained)")
+    return 0

@@ -1,0 +1,222 @@
+"""Pictures of a DenseNet drawn from the model itself, so they are right for any configuration.
+
+Two panels: the network (input, stem, dense blocks, transitions, head, with channel counts and
+spatial sizes from a shape-only forward pass) and one dense block's connections, drawn as in
+the paper's Figure 1: node 0 is the block input x_0, node l is layer H_l and its output x_l, and
+an arc joins x_s to H_l for every s < l. Layer l has l inputs, so the arcs number L(L+1)/2; the
+L+1 maps the block hands on (concatenated into the transition or the head) are drawn dashed
+below the line and counted apart.
+
+Every arc is its own artist with an SVG id (``connection-B-S-L``, ``exit-B-S``), so the drawn
+picture itself can be checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .inspect import summary
+from .model import DenseBlock, DenseNet
+
+FORMATS = (".svg", ".png")
+
+
+@dataclass
+class Stage:
+    """One box of the overview: what it is, its output channels and spatial size."""
+
+    name: str
+    kind: str  # input | stem | block | transition | head
+    lines: list[str]
+    channels: int
+    size: tuple[int, int]
+    num_layers: int | None = None
+    connections: int | None = None
+
+
+def default_input_size(model: DenseNet) -> tuple[int, int, int]:
+    """(C, H, W) the model's stem was designed for: 224 for ImageNet, 32 for CIFAR."""
+    side = 224 if model.config.stem == "imagenet" else 32
+    return (model.config.in_channels, side, side)
+
+
+def network_stages(model: DenseNet, input_size: tuple[int, int, int] | None = None
+                   ) -> list[Stage]:
+    """The overview's boxes, with shapes from a forward pass on the meta device (no compute)."""
+    c, h, w = input_size or default_input_size(model)
+    cfg = model.config
+    with torch.device("meta"):
+        shadow = DenseNet(**{**cfg.to_dict(), "memory_efficient": False})
+    rows = {r.name: r for r in summary(shadow, (1, c, h, w)).rows if r.depth == 0}
+    stages = [Stage("input", "input", ["input", f"{c}×{h}×{w}"], c, (h, w))]
+    if cfg.stem == "imagenet":
+        s = rows["pool0"].output_shape
+        ops = ["conv 7×7/2", "BN-ReLU", "max pool 3×3/2"]
+    else:
+        s = rows["conv0"].output_shape
+        ops = ["conv 3×3"]
+    stages.append(Stage("stem", "stem", ["stem", *ops, _shape(s)], s[1], (s[2], s[3])))
+    in_ch = s[1]
+    for i, _ in enumerate(cfg.block_config, start=1):
+        block: DenseBlock = getattr(model.features, f"denseblock{i}")
+        s = rows[f"denseblock{i}"].output_shape
+        stages.append(Stage(
+            f"denseblock{i}", "block",
+            [f"dense block {i}", f"{block.num_layers} layers, k={block.growth_rate}",
+             f"{in_ch} → {s[1]} ch", f"{s[2]}×{s[3]}", f"{block.num_connections} connections"],
+            s[1], (s[2], s[3]), block.num_layers, block.num_connections))
+        if f"transition{i}" in rows:
+            s = rows[f"transition{i}"].output_shape
+            stages.append(Stage(f"transition{i}", "transition",
+                                [f"transition {i}", "BN-ReLU", "conv 1×1", "avg pool 2×2/2",
+                                 _shape(s)], s[1], (s[2], s[3])))
+            in_ch = s[1]
+    stages.append(Stage("head", "head",
+                        ["head", "BN-ReLU", "global pool", "linear",
+                         f"{model.num_features} → {cfg.num_classes}"],
+                        cfg.num_classes, (1, 1)))
+    return stages
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return f"{s[1]}×{s[2]}×{s[3]}"
+
+
+_COLOURS = {"input": "#e8e8e8", "stem": "#cfe2f3", "block": "#f9cb9c", "transition": "#b6d7a8",
+            "head": "#d9d2e9"}
+
+
+def draw_overview(ax, stages: list[Stage], highlight: int | None = None) -> None:
+    """Boxes left to right joined by arrows; the block drawn below is outlined in red."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    width, gap = 1.0, 0.35
+    for i, st in enumerate(stages):
+        x = i * (width + gap)
+        tall = st.kind == "block"
+        hgt = 1.1 if tall else 0.95
+        edge = "#cc0000" if tall and st.name == f"denseblock{highlight}" else "#444444"
+        ax.add_patch(FancyBboxPatch((x, -hgt / 2), width, hgt, boxstyle="round,pad=0.02",
+                                    facecolor=_COLOURS[st.kind], edgecolor=edge,
+                                    linewidth=2.0 if edge == "#cc0000" else 1.0,
+                                    gid=f"stage-{st.name}"))
+        text = "\n".join(st.lines)
+        ax.text(x + width / 2, 0, text, ha="center", va="center", fontsize=7,
+                fontweight="normal", linespacing=1.3)
+        if i:
+            ax.add_patch(FancyArrowPatch((x - gap, 0), (x, 0), arrowstyle="-|>",
+                                         mutation_scale=10, color="#444444"))
+    ax.set_xlim(-0.1, len(stages) * (width + gap) - gap + 0.1)
+    ax.set_ylim(-0.6, 0.6)
+    ax.set_aspect("auto")
+    ax.axis("off")
+
+
+def draw_block(ax, block: DenseBlock, index: int, exit_name: str = "transition") -> dict:
+    """One dense block's wiring; returns the number of arcs drawn of each kind."""
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as MplPath
+
+    L = block.num_layers
+    dense = exits = 0
+    # Deep blocks have thousands of arcs: fainter, thinner lines keep the pattern visible.
+    alpha = max(0.12, min(0.6, 8 / L))
+    width = 0.9 if L <= 16 else 0.5
+    for l_ in range(1, L + 1):
+        for s in range(l_):
+            ax.add_patch(PathPatch(_arc(MplPath, s, l_, up=True), facecolor="none",
+                                   edgecolor="#cc4125", alpha=alpha, linewidth=width,
+                                   gid=f"connection-{index}-{s}-{l_}"))
+            dense += 1
+    for s in range(L + 1):
+        ax.add_patch(PathPatch(_arc(MplPath, s, L + 1, up=False), facecolor="none",
+                               edgecolor="#6d9eeb", alpha=max(alpha, 0.3), linewidth=width,
+                               linestyle="--", gid=f"exit-{index}-{s}"))
+        exits += 1
+    # Markers, not patches, for the nodes: they stay round on the panel's free aspect ratio.
+    slot = ax.figure.get_figwidth() * 72 / (L + 3)
+    size = min(600.0, (0.6 * slot) ** 2)
+    colours = ["#e8e8e8"] + ["#f9cb9c"] * L + ["#b6d7a8"]
+    ax.scatter(range(L + 2), [0] * (L + 2), s=size, c=colours, edgecolors="#444444", zorder=3)
+    step = max(1, round(L / 16))
+    for node in range(L + 2):
+        if node in (0, L + 1) or node % step == 0:
+            label = "x₀" if node == 0 else ("T" if exit_name == "transition" else "C") \
+                if node == L + 1 else f"H{node}"
+            ax.text(node, 0, label, ha="center", va="center", fontsize=6 if L > 12 else 8,
+                    zorder=4)
+    reach = _height(L + 1)
+    ax.set_xlim(-1, L + 2)
+    ax.set_ylim(-reach - 0.6, reach + 0.6)
+    ax.axis("off")
+    k = block.growth_rate
+    ax.set_title(
+        f"Dense block {index}: {L} layers, k={k}, {block.in_channels} → {block.out_channels} "
+        f"channels. L(L+1)/2 = {dense} connections into its layers (above), "
+        f"{exits} into the {exit_name} (below, dashed)", fontsize=9)
+    return {"block": index, "num_layers": L, "connections": dense, "exit_connections": exits}
+
+
+def _arc(MplPath, s: int, t: int, up: bool):
+    """A quadratic curve from node s to node t whose height grows with the distance."""
+    h = _height(t - s) * (1 if up else -1)
+    y0 = 0.0
+    # A quadratic Bezier peaks at half its control point's height.
+    return MplPath([(s, y0), ((s + t) / 2, y0 + 2 * h), (t, y0)],
+                   [MplPath.MOVETO, MplPath.CURVE3, MplPath.CURVE3])
+
+
+def _height(span: int) -> float:
+    """Arc height for a span of nodes: sub-linear, so deep blocks stay wide rather than tall."""
+    return 0.45 * span ** 0.75
+
+
+def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | None = None,
+         title: str | None = None):
+    """The figure of the network and dense block ``block`` (1-based), and what was drawn:
+    the stages and the block's connection counts."""
+    n = len(model.config.block_config)
+    if not 1 <= block <= n:
+        raise ValueError(f"--block must be between 1 and {n} (this model has {n} dense blocks), "
+                         f"got {block}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = network_stages(model, input_size)
+    dense_block: DenseBlock = getattr(model.features, f"denseblock{block}")
+    L = dense_block.num_layers
+    width = max(10.0, 1.15 * len(stages), 0.25 * (L + 3))
+    block_h = 4.0 if L <= 24 else 5.0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, 2.2 + block_h),
+                                      gridspec_kw={"height_ratios": [2.0, block_h]})
+    draw_overview(top, stages, highlight=block)
+    exit_name = "transition" if block < n else "classifier"
+    counts = draw_block(bottom, dense_block, block, exit_name)
+    params = sum(p.numel() for p in model.parameters())
+    fig.suptitle(title or f"DenseNet: {n} dense blocks {tuple(model.config.block_config)}, "
+                 f"k={model.config.growth_rate}, {params:,} parameters", fontsize=11)
+    fig.tight_layout()
+    return fig, {"stages": [asdict(s) for s in stages], **counts}
+
+
+def diagram(model: DenseNet, path: str | Path, block: int = 1,
+            input_size: tuple[int, int, int] | None = None, title: str | None = None) -> dict:
+    """Draw the network and dense block ``block`` (1-based) to ``path`` (.svg or .png).
+
+    Returns what was drawn: the stages and the block's connection counts.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"diagram output must end in .svg or .png, got {path.name!r}")
+    fig, info = draw(model, block, input_size, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"path": str(path), **info}

@@ -1,0 +1,303 @@
+"""One self-contained HTML page for a training run: configuration, curves, final metrics beside
+the paper's figure for the recipe, the model summary, the architecture and the feature-reuse
+heatmap. Images are embedded as base64 and the styles inline, so the page opens in a browser
+with no network and can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import paper
+from .inspect import human, summary
+from .model import DenseNet
+
+# Section ids in page order; tests and links rely on them.
+SECTIONS = ("configuration", "curves", "metrics", "summary", "architecture", "reuse", "epochs")
+
+# Recipe name -> the column of the paper's Table 2 it reproduces.
+RECIPE_DATASETS = {"cifar10": "C10", "cifar10+": "C10+", "cifar100": "C100",
+                   "cifar100+": "C100+", "svhn": "SVHN"}
+
+CHECKPOINT_FORMAT = "densenets.checkpoint"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint of the shared contract, loaded without unpickling objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and why, in one line
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a densenets training checkpoint (expected a dict with "
+                         "'model' and 'model_config'); pass a zoo name or a run's best.pt")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Mapping) -> DenseNet:
+    """Rebuild the DenseNet a checkpoint describes and load its weights (eval mode)."""
+    cfg = dict(ckpt["model_config"])
+    cfg["memory_efficient"] = False
+    model = DenseNet(**cfg)
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img(data: bytes, alt: str) -> str:
+    b64 = base64.b64encode(data).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.csv as dicts with numbers parsed (empty cells become None)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(v: str | None) -> Any:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+def draw_curves(rows: list[dict[str, Any]]) -> bytes | None:
+    """Loss and error against epoch, for a run directory that has no curves.png."""
+    if not rows or "epoch" not in rows[0]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, suffix in ((a, "loss"), (b, "err")):
+        for col in rows[0]:
+            if col.endswith(suffix) and "top5" not in col:
+                ys = [r[col] if isinstance(r[col], int | float) else math.nan for r in rows]
+                ax.plot(epochs, ys, label=col, marker="." if len(rows) < 30 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(suffix)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def paper_figure(model_name: str | None, recipe: str | None) -> tuple[float | None, str]:
+    """The paper's top-1 test error (%) for this model and recipe, and where it comes from."""
+    if not model_name or not recipe:
+        return None, "no model name or recipe recorded"
+    recipe = recipe.lower()
+    if recipe in RECIPE_DATASETS:
+        col = RECIPE_DATASETS[recipe]
+        err = paper.paper_error(model_name, col)
+        where = f"Table 2, {model_name}, {col}"
+        return err, where if err is not None else f"the paper has no {col} figure for " \
+                                                  f"{model_name}"
+    if recipe == "imagenet":
+        for row in paper.IMAGENET_ROWS:
+            if row[0] == model_name and row[2] is not None:
+                return row[2], f"Table 3, {model_name}, single-crop top-1"
+        return None, f"the paper has no ImageNet figure for {model_name}"
+    return None, f"the paper reports no figure for the {recipe!r} recipe"
+
+
+def _our_error(summary_json: Mapping, rows: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """The run's final top-1 test error and which field it came from."""
+    for key in ("test_top1_err", "final_test_top1_err", "best_test_top1_err"):
+        v = summary_json.get(key)
+        if isinstance(v, int | float):
+            return float(v), f"summary.json {key}"
+    for row in reversed(rows):
+        v = row.get("test_top1_err")
+        if isinstance(v, int | float):
+            return float(v), f"metrics.csv epoch {row.get('epoch')} test_top1_err"
+    return None, "no test error recorded"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        return json.dumps(v)
+    return "-" if v is None else str(v)
+
+
+def _kv_table(d: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out += _kv_table(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _metrics_section(summary_json: Mapping, rows: list[dict[str, Any]], model_name: str | None,
+                     recipe: str | None) -> str:
+    ours, ours_from = _our_error(summary_json, rows)
+    ref, ref_from = paper_figure(model_name, recipe)
+    lines = [["this run: top-1 test error (%)", ours, ours_from],
+             ["the paper: top-1 test error (%)", ref, ref_from]]
+    if ours is not None and ref is not None:
+        lines.append(["difference (points)", ours - ref, "this run minus the paper"])
+    body = _table(["", "value", "source"], lines, "compare")
+    finals = [[k, v] for k, v in _kv_table(summary_json) if not isinstance(v, list | dict)]
+    if finals:
+        body += "<h3>summary.json</h3>" + _table(["field", "value"], finals)
+    elif rows:
+        body += "<h3>last epoch</h3>" + _table(["field", "value"], list(map(list,
+                                                                          rows[-1].items())))
+    return body
+
+
+def _summary_section(model: DenseNet, input_size: tuple[int, int, int], name: str) -> str:
+    s = summary(model, (1, *input_size), name=name)
+    rows = [["\u2003" * r.depth + r.name, r.kind, "×".join(map(str, r.output_shape[1:])),
+             f"{r.params:,}", human(r.macs), "" if r.connections is None else r.connections]
+            for r in s.rows]
+    note = (f"<p>{s.total_params:,} parameters, {human(s.total_macs)} multiply-adds per "
+            f"{input_size[1]}×{input_size[2]} image (conv and linear layers; ×2 for FLOPs).</p>")
+    header = ["layer", "kind", "output (C×H×W)", "params", "MACs", "connections"]
+    top = [row for row, r in zip(rows, s.rows, strict=True) if r.depth == 0]
+    return (note + _table(header, top, "summary") +
+            f"<details><summary>every dense layer ({len(rows)} rows)</summary>"
+            f"{_table(header, rows, 'summary')}</details>")
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The HTML page for the run in ``run_dir`` (config.json, metrics.csv, best.pt or last.pt,
+    optionally curves.png and summary.json)."""
+    from . import diagram, reuse
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run directory at {run}")
+    ckpt_path = next((run / n for n in ("best.pt", "last.pt") if (run / n).is_file()), None)
+    if ckpt_path is None:
+        raise FileNotFoundError(f"{run} has no best.pt or last.pt; is it a training run "
+                                "directory (densenets train --out DIR)?")
+    config = _read_json(run / "config.json")
+    summary_json = _read_json(run / "summary.json")
+    rows = read_metrics(run / "metrics.csv")
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    meta = ckpt.get("meta") or {}
+    model_name = ckpt.get("model_name") or config.get("model")
+    recipe = meta.get("recipe") or config.get("recipe")
+    crop = (meta.get("preprocessing") or {}).get("crop")
+    input_size = (model.config.in_channels, crop, crop) if crop else \
+        diagram.default_input_size(model)
+
+    parts = []
+    cfg_rows = [[k, v] for k, v in _kv_table(config)] or [["(no config.json)", None]]
+    parts.append(_section("configuration", "Configuration", _table(["field", "value"], cfg_rows)))
+    curves = (run / "curves.png").read_bytes() if (run / "curves.png").is_file() \
+        else draw_curves(rows)
+    parts.append(_section("curves", "Training curves",
+                          _img(curves, "training curves") if curves else
+                          "<p>No curves.png and no metrics.csv in this run.</p>"))
+    parts.append(_section("metrics", "Final metrics and the paper",
+                          _metrics_section(summary_json, rows, model_name, recipe)))
+    parts.append(_section("summary", "Model summary",
+                          _summary_section(model, input_size, str(model_name or "DenseNet"))))
+    fig, info = diagram.draw(model, 1, input_size)
+    parts.append(_section("architecture", "Architecture",
+                          _img(_png(fig), "network diagram") +
+                          f"<p>Dense block 1: {info['connections']} connections.</p>"))
+    blocks = reuse.feature_reuse(model)
+    heat = _png(reuse.plot(blocks))
+    parts.append(_section("reuse", "Feature reuse (the paper's Figure 5)",
+                          _img(heat, "feature reuse heatmap") + _REUSE_NOTE))
+    epoch_rows = [list(r.values()) for r in rows]
+    parts.append(_section("epochs", "Every epoch",
+                          _table(list(rows[0]), epoch_rows, "epochs") if rows else
+                          "<p>No metrics.csv in this run.</p>"))
+    title = f"densenets run {run.name}"
+    sub = f"{model_name or 'DenseNet'} · recipe {recipe or '?'} · checkpoint {ckpt_path.name}"
+    return _PAGE.format(title=html.escape(title), sub=html.escape(sub),
+                        nav=" · ".join(f'<a href="#{s}">{s}</a>' for s in SECTIONS),
+                        body="\n".join(parts))
+
+
+def write_report(run_dir: str | Path, out: str | Path) -> Path:
+    """Write :func:`build_report` to ``out`` and return its path."""
+    out = Path(out)
+    text = build_report(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+_REUSE_NOTE = ("<p>Cell (s, l): mean |w| of layer l's first convolution over the channels that "
+               "source s produced (s = in: the block input). The last column is the transition "
+               "(or, for the last block, the classifier).</p>")
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }}
+h1 {{ margin-bottom: 0.1em; }} .sub {{ color: #666; margin-top: 0; }}
+nav a {{ color: #2a5db0; }} section {{ border-top: 1px solid #ddd; margin-top: 1.5em; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }}
+th, td {{ border: 1px solid #ddd; padding: 2px 8px; text-align: left; }}
+th {{ background: #f3f3f3; }} img {{ max-width: 100%; }}
+table.compare td:nth-child(2) {{ font-weight: bold; }}
+</style></head>
+<body><h1>{title}</h1><p class="sub">{sub}</p><nav>{nav}</nav>
+{body}
+</body></html>
+"""

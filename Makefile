@@ -24,7 +24,12 @@ demo: $(VENV)/.installed
 	$(BIN)/densenets summary densenet121
 	$(BIN)/densenets paper
 
-test: $(VENV)/.installed
+# The report test renders the HTML in headless Chromium (Debian's package; CI runs as root).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
+test: $(VENV)/.installed $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks hubconf.py
 	$(BIN)/pytest -q
 

@@ -183,8 +183,7 @@ def plot(blocks: list[BlockReuse], path: str | Path | None = None, title: str | 
                              squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     for ax, b in zip(axes.flat, blocks, strict=False):
         # Rows of the image are sources, columns targets: the transpose of matrix[t][s].
         img = np.array(normalise(b, normalisation), dtype=float).T

@@ -1,0 +1,169 @@
+"""The feature-reuse matrix (the paper's Figure 5): a known answer on hand-set weights, the
+channel layout it assumes, torchvision weights, exports, the heatmap and the `reuse` verb."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+
+from densenets import DenseNet
+from densenets.cli import main
+from densenets.reuse import feature_reuse, normalise, plot, to_json, write_csv, write_json
+
+
+def tiny(**kw) -> DenseNet:
+    cfg = dict(growth_rate=3, block_config=(3, 2), num_init_features=5, bottleneck=False,
+               compression=0.5, num_classes=4, stem="cifar")
+    cfg.update(kw)
+    return DenseNet(**cfg)
+
+
+def set_by_hand(w: torch.Tensor) -> None:
+    """w[o, c, ...] = +-(c + 1) * (o + 1), signs alternating so only |w| can give the answer."""
+    o = torch.arange(w.shape[0], dtype=torch.float64).view(-1, *([1] * (w.dim() - 1))) + 1
+    c = torch.arange(w.shape[1], dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2))) + 1
+    sign = torch.ones_like(w, dtype=torch.float64)
+    sign.view(-1)[1::2] = -1
+    with torch.no_grad():
+        w.copy_(sign * c * o)
+
+
+def expected_mean(first: int, last: int, out_channels: int) -> float:
+    """Mean of (c + 1)(o + 1) over channels first..last and every output o: a closed form."""
+    return ((first + last) / 2 + 1) * (out_channels + 1) / 2
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_known_answer_on_hand_set_weights(bottleneck):
+    model = tiny(bottleneck=bottleneck)
+    for name, p in model.named_parameters():
+        if name.endswith("conv1.weight") or name.endswith("transition1.conv.weight") \
+                or name == "classifier.weight":
+            set_by_hand(p)
+    blocks = feature_reuse(model)
+    assert [b.exit for b in blocks] == ["transition", "classifier"]
+    k = 3
+    c0s = [5, (5 + 3 * k) // 2]  # block 2 reads the transition's floor(0.5 * 14) = 7 maps
+    for b, c0, n_layers in zip(blocks, c0s, (3, 2), strict=True):
+        assert (b.num_layers, b.in_channels, b.growth_rate) == (n_layers, c0, k)
+        exit_w = model.features.transition1.conv.weight if b.block == 1 \
+            else model.classifier.weight
+        outs = [getattr(model.features, f"denseblock{b.block}").layers[t].conv1.weight.shape[0]
+                for t in range(n_layers)] + [exit_w.shape[0]]
+        for t in range(1, n_layers + 2):  # targets: layers 1..L, then the exit
+            for s in range(n_layers + 1):
+                got = b.matrix[t - 1][s]
+                if s >= t:
+                    assert math.isnan(got), (t, s)
+                    continue
+                first, last = (0, c0 - 1) if s == 0 else (c0 + (s - 1) * k, c0 + s * k - 1)
+                assert got == pytest.approx(expected_mean(first, last, outs[t - 1]), rel=1e-12)
+
+
+def test_source_slices_are_what_each_layer_produced():
+    """The matrix assumes layer l's input is [x0, x1, ..., x_{l-1}] in that channel order."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    block = model.features.denseblock1
+    inputs, outputs = {}, {}
+
+    def record(i: int):
+        def hook(_m, inp, out) -> None:
+            inputs[i], outputs[i] = inp[0], out
+        return hook
+
+    for i, layer in enumerate(block.layers, start=1):
+        layer.register_forward_hook(record(i))
+    x0 = {}
+    block.register_forward_pre_hook(lambda m, inp: x0.__setitem__(0, inp[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 8))
+    info = feature_reuse(model)[0]
+    last_in = inputs[block.num_layers]
+    for s in range(block.num_layers):
+        r = info.source_channels(s)
+        produced = x0[0] if s == 0 else outputs[s]
+        assert torch.equal(last_in[:, r.start:r.stop], produced)
+
+
+def test_torchvision_weights_give_the_same_matrix():
+    tv = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8,
+                                     num_classes=6)
+    ours = DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=6)
+    ours.load_state_dict(tv.state_dict())
+    a, b = feature_reuse(tv.state_dict()), feature_reuse(ours)
+    assert [x.to_dict() for x in a] == [x.to_dict() for x in b]
+
+
+def test_not_a_densenet_is_refused():
+    with pytest.raises(ValueError, match="denselayer1"):
+        feature_reuse(torch.nn.Linear(3, 4))
+
+
+def test_normalise_per_target():
+    rows = normalise(feature_reuse(tiny())[0], "target")
+    for row in rows:
+        assert max(v for v in row if not math.isnan(v)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="normalisation"):
+        normalise(feature_reuse(tiny())[0], "rows")
+
+
+def test_json_and_csv_exports(tmp_path):
+    blocks = feature_reuse(tiny())
+    write_json(blocks, tmp_path / "r.json")
+    write_csv(blocks, tmp_path / "r.csv")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["format"] == "densenets.reuse"
+    for b, jb in zip(blocks, data["blocks"], strict=True):
+        assert jb["sources"][0] == "input" and jb["targets"][-1] == b.exit
+        for row, jrow in zip(b.matrix, jb["matrix"], strict=True):
+            assert [None if math.isnan(v) else v for v in row] == jrow
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for b in blocks:
+        mine = [r for r in rows if int(r["block"]) == b.block]
+        L = b.num_layers
+        assert len(mine) == L * (L + 1) // 2 + (L + 1)  # dense connections + the exit's inputs
+        for r in mine:
+            t, s = b.targets.index(r["target"]), b.sources.index(r["source"])
+            assert float(r["mean_abs_weight"]) == b.matrix[t][s]
+
+
+def test_heatmap_has_one_panel_per_block(tmp_path):
+    fig = plot(feature_reuse(tiny()), tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 5000
+    assert sum(ax.get_visible() and bool(ax.images) for ax in fig.axes) == 2
+
+
+def test_reuse_verb_on_checkpoint_state_dict_and_zoo(tmp_path, capsys):
+    model = tiny()
+    ckpt = {"format": "densenets.checkpoint", "version": 1, "model": model.state_dict(),
+            "model_config": model.config.to_dict(), "model_name": "tiny", "meta": {}}
+    torch.save(ckpt, tmp_path / "best.pt")
+    assert main(["reuse", str(tmp_path / "best.pt"), "-o", str(tmp_path / "a.png"),
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(to_json(feature_reuse(model))))
+    assert all((tmp_path / f"a.{ext}").is_file() for ext in ("png", "json", "csv"))
+
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}  # as DataParallel saves it
+    torch.save(sd, tmp_path / "sd.pth")
+    assert main(["reuse", str(tmp_path / "sd.pth"), "-o", str(tmp_path / "b.svg")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text()) == printed
+    assert main(["reuse", "densenet-bc-40-k12", "-o", str(tmp_path / "c.png")]) == 0
+    assert len(json.loads((tmp_path / "c.json").read_text())["blocks"]) == 3
+
+
+def test_reuse_verb_errors_are_one_line(tmp_path, capsys):
+    assert main(["reuse", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "r.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["reuse", str(tmp_path / "junk.pt"), "-o", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and err.count("\n") == 1
+    assert main(["reuse", "densenet121", "-o", str(tmp_path / "r.pdf")]) == 2

@@ -13,7 +13,7 @@ import torchvision
 
 from densenets import DenseNet
 from densenets.cli import main
-from densenets.reuse import feature_reuse, normalise, plot, to_json, write_csv, write_json
+from densenets.reuse import cell_values, feature_reuse, plot, to_json, write_csv, write_json
 
 
 def tiny(**kw) -> DenseNet:
@@ -105,12 +105,43 @@ def test_not_a_densenet_is_refused():
         feature_reuse(torch.nn.Linear(3, 4))
 
 
-def test_normalise_per_target():
-    rows = normalise(feature_reuse(tiny())[0], "target")
+def test_scaled_per_target():
+    rows = cell_values(feature_reuse(tiny())[0], "target")
     for row in rows:
         assert max(v for v in row if not math.isnan(v)) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="normalisation"):
-        normalise(feature_reuse(tiny())[0], "rows")
+    with pytest.raises(ValueError, match="scale"):
+        cell_values(feature_reuse(tiny())[0], "rows")
+
+
+def reference_z(w: torch.Tensor, channels: range) -> float:
+    """Plain float64 reference: a slice's mean |w| against a random slice of as many channels."""
+    per_channel = [float(w.detach()[:, c].abs().double().mean()) for c in range(w.shape[1])]
+    C, n = len(per_channel), len(channels)
+    mu = sum(per_channel) / C
+    var = sum((v - mu) ** 2 for v in per_channel) / C
+    m = sum(per_channel[c] for c in channels) / n
+    return (m - mu) / math.sqrt(var / n * (C - n) / (C - 1))
+
+
+def test_zscores_against_a_reference_and_chance():
+    torch.manual_seed(0)
+    model = tiny(growth_rate=6, block_config=(5, 4), num_init_features=10)
+    blocks = feature_reuse(model)
+    b = blocks[0]
+    w = model.features.denseblock1.layers[3].conv1.weight  # target 4 reads sources 0..3
+    for s in range(4):
+        assert b.zscore[3][s] == pytest.approx(reference_z(w, b.source_channels(s)), rel=1e-9)
+    assert math.isnan(b.zscore[0][0])  # one source covering every channel: no comparison
+    # Freshly initialised weights favour no source: about chance.
+    chance = [x.structure for x in feature_reuse(DenseNet(growth_rate=12,
+                                                          block_config=(8, 8, 8),
+                                                          num_init_features=24, stem="cifar"))]
+    assert all(0.3 < v < 2.5 for v in chance)
+    # A layer that leans on the block input shows up far above chance.
+    with torch.no_grad():
+        for layer in model.features.denseblock1.layers:
+            layer.conv1.weight[:, :10] *= 3
+    assert feature_reuse(model)[0].structure > 4 * max(chance)
 
 
 def test_json_and_csv_exports(tmp_path):

@@ -259,8 +259,10 @@ def build_report(run_dir: str | Path) -> str:
                           f"<p>Dense block 1: {info['connections']} connections.</p>"))
     blocks = reuse.feature_reuse(model)
     heat = _png(reuse.plot(blocks))
+    scores = _table(["dense block", "layers", "structure (mean z², about 1 = chance)"],
+                    [[b.block, b.num_layers, b.structure] for b in blocks], "structure")
     parts.append(_section("reuse", "Feature reuse (the paper's Figure 5)",
-                          _img(heat, "feature reuse heatmap") + _REUSE_NOTE))
+                          _img(heat, "feature reuse heatmap") + _REUSE_NOTE + scores))
     epoch_rows = [list(r.values()) for r in rows]
     parts.append(_section("epochs", "Every epoch",
                           _table(list(rows[0]), epoch_rows, "epochs") if rows else
@@ -283,7 +285,10 @@ def write_report(run_dir: str | Path, out: str | Path) -> Path:
 
 _REUSE_NOTE = ("<p>Cell (s, l): mean |w| of layer l's first convolution over the channels that "
                "source s produced (s = in: the block input). The last column is the transition "
-               "(or, for the last block, the classifier).</p>")
+               "(or, for the last block, the classifier). Structure compares each cell with a "
+               "random choice of as many input channels: about 1 means no source is favoured "
+               "beyond chance (as at initialisation; short runs stay there), well above 1 means "
+               "the layers learned to prefer some sources.</p>")
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

@@ -19,13 +19,15 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-NORMALISATIONS = ("none", "target")
+# How the heatmap colours a cell: the paper's mean |w|, that scaled to each target's maximum, or
+# a z-score against shuffling the target's input channels (how far from chance the cell is).
+SCALES = ("mean", "target", "z")
 
 _LAYER_RE = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.conv1\.weight$")
 
@@ -44,6 +46,15 @@ class BlockReuse:
     growth_rate: int
     exit: str  # "transition" or "classifier"
     matrix: list[list[float]]
+    zscore: list[list[float]] = field(default_factory=list)
+
+    @property
+    def structure(self) -> float:
+        """Mean z^2 over the cells of targets with two or more sources: about 1 when sources
+        are weighted no differently than a random shuffle of input channels would give (as at
+        initialisation), well above 1 when the layers favour some sources over others."""
+        cells = [z for row in self.zscore for z in row if not math.isnan(z)]
+        return sum(z * z for z in cells) / len(cells) if cells else math.nan
 
     @property
     def sources(self) -> list[str]:
@@ -64,7 +75,12 @@ class BlockReuse:
         return {"block": self.block, "num_layers": self.num_layers,
                 "in_channels": self.in_channels, "growth_rate": self.growth_rate,
                 "sources": self.sources, "targets": self.targets,
-                "matrix": [[None if math.isnan(v) else v for v in row] for row in self.matrix]}
+                "matrix": _nulls(self.matrix), "zscore": _nulls(self.zscore),
+                "structure": None if math.isnan(self.structure) else self.structure}
+
+
+def _nulls(m: list[list[float]]) -> list[list[float | None]]:
+    return [[None if math.isnan(v) else v for v in row] for row in m]
 
 
 def _state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> Mapping:
@@ -73,10 +89,26 @@ def _state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> Mappi
     return model_or_state
 
 
-def _source_means(weight: torch.Tensor, bounds: Sequence[range]) -> list[float]:
-    """Mean |w| over each slice of input channels (dim 1), in float64."""
+def _source_stats(weight: torch.Tensor, bounds: Sequence[range]) -> tuple[list[float],
+                                                                           list[float]]:
+    """Mean |w| over each slice of input channels (dim 1), and its z-score, in float64.
+
+    The z-score compares a slice's mean with what a random slice of as many input channels
+    would give: under that null the slice mean has the channel means' variance / n, times the
+    finite-population factor (C - n) / (C - 1). A lone slice covering every channel gets NaN.
+    """
     w = weight.detach().to("cpu", torch.float64).abs()
-    return [float(w[:, r.start:r.stop].mean()) for r in bounds]
+    per_channel = w.transpose(0, 1).reshape(w.shape[1], -1).mean(1)
+    C = per_channel.numel()
+    mu, var = float(per_channel.mean()), float(per_channel.var(unbiased=False))
+    means, zs = [], []
+    for r in bounds:
+        m = float(per_channel[r.start:r.stop].mean())
+        n = r.stop - r.start
+        spread = var / n * (C - n) / (C - 1) if C > 1 else 0.0
+        means.append(m)
+        zs.append((m - mu) / math.sqrt(spread) if spread > 0 else math.nan)
+    return means, zs
 
 
 def feature_reuse(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[BlockReuse]:
@@ -110,8 +142,9 @@ def feature_reuse(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> lis
             if int(w.shape[1]) != expected:
                 raise ValueError(f"block {b} target {t} reads {int(w.shape[1])} channels, "
                                  f"expected {expected} (= {c0} + {t - 1} x {k})")
-            means = _source_means(w, [reuse.source_channels(s) for s in range(t)])
+            means, zs = _source_stats(w, [reuse.source_channels(s) for s in range(t)])
             reuse.matrix.append(means + [math.nan] * (L + 1 - t))
+            reuse.zscore.append(zs + [math.nan] * (L + 1 - t))
         result.append(reuse)
     return result
 
@@ -125,13 +158,16 @@ def _growth_rate(sd: Mapping, block: int, convs: list[torch.Tensor]) -> int:
     return int(last.shape[0])
 
 
-def normalise(reuse: BlockReuse, how: str = "none") -> list[list[float]]:
-    """The matrix as drawn: raw (``none``) or each target row scaled to a maximum of 1
-    (``target``), which compares sources within a layer when layers differ in scale."""
-    if how not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
-    if how == "none":
+def cell_values(reuse: BlockReuse, scale: str = "mean") -> list[list[float]]:
+    """The matrix as drawn: the paper's mean |w| (``mean``), each target row scaled to a maximum
+    of 1 (``target``, to compare sources within a layer when layers differ in scale), or the
+    z-scores against shuffled input channels (``z``)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale == "mean":
         return [list(row) for row in reuse.matrix]
+    if scale == "z":
+        return [list(row) for row in reuse.zscore]
     out = []
     for row in reuse.matrix:
         top = max((v for v in row if not math.isnan(v)), default=0.0)
@@ -164,8 +200,9 @@ def write_csv(blocks: list[BlockReuse], path: str | Path) -> None:
 
 
 def plot(blocks: list[BlockReuse], path: str | Path | None = None, title: str | None = None,
-         normalisation: str = "none"):
-    """One heatmap per block, target layer on x and source layer on y as in the paper.
+         scale: str = "mean"):
+    """One heatmap per block, target layer on x and source layer on y as in the paper;
+    ``scale`` picks the cell values (see :func:`cell_values`).
 
     Saves to ``path`` (format from its suffix) when given; returns the matplotlib Figure.
     """
@@ -183,21 +220,29 @@ def plot(blocks: list[BlockReuse], path: str | Path | None = None, title: str | 
                              squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    # z-scores are signed around chance: a diverging map centred on 0.
+    cmap = matplotlib.colormaps["RdBu_r" if scale == "z" else "viridis"].with_extremes(
+        bad="white")
     for ax, b in zip(axes.flat, blocks, strict=False):
         # Rows of the image are sources, columns targets: the transpose of matrix[t][s].
-        img = np.array(normalise(b, normalisation), dtype=float).T
+        img = np.array(cell_values(b, scale), dtype=float).T
+        limits = {}
+        if scale == "z":
+            top = max(3.0, float(np.nanmax(np.abs(img))) if np.isfinite(img).any() else 3.0)
+            limits = {"vmin": -top, "vmax": top}
         im = ax.imshow(np.ma.masked_invalid(img), cmap=cmap, origin="upper", aspect="equal",
-                       interpolation="nearest")
-        ax.set_title(f"Dense block {b.block} ({b.num_layers} layers)")
+                       interpolation="nearest", **limits)
+        ax.set_title(f"Dense block {b.block} ({b.num_layers} layers)\n"
+                     f"structure {b.structure:.2f} (1 = chance)", fontsize=10)
         ax.set_xlabel("target layer (l)")
         ax.set_ylabel("source layer (s)")
         _ticks(ax.set_xticks, ax.set_xticklabels, b.targets, start=0)
         _ticks(ax.set_yticks, ax.set_yticklabels, b.sources, start=0)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    label = "max-normalised per target" if normalisation == "target" else "mean |w|"
-    fig.suptitle(title or f"Feature reuse ({label}; last column: "
-                 f"{'transition / ' if n > 1 else ''}classifier)")
+    label = {"mean": "mean |w| per source channel", "target": "mean |w|, max per target = 1",
+             "z": "z-score against shuffled input channels"}[scale]
+    fig.suptitle(f"{title or 'Feature reuse'}: {label}; last column: "
+                 f"{'transition / ' if n > 1 else ''}classifier")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_overrides(p)
     p.add_argument("-o", "--output", default="reuse.png", help="image file, .png or .svg "
                    "(default reuse.png); the matrix goes to the same name with .json and .csv")
-    p.add_argument("--normalise", choices=("none", "target"), default="none",
-                   help="colour raw mean |w| (the paper) or scale each target to a maximum of 1")
+    p.add_argument("--scale", choices=("mean", "target", "z"), default="mean",
+                   help="cell colour: mean |w| (the paper, default), mean |w| scaled to each "
+                        "target's maximum, or z-score against shuffled input channels")
     p.add_argument("--json", action="store_true", help="also print the matrix as JSON")
     p.set_defaults(func=cmd_reuse)
 
@@ -101,14 +102,16 @@ def cmd_reuse(args: argparse.Namespace) -> int:
         name, model = model_from_args(args)
         state = model.state_dict()
     blocks = reuse.feature_reuse(state)
-    reuse.plot(blocks, out, title=f"Feature reuse of {name}", normalisation=args.normalise)
+    reuse.plot(blocks, out, title=f"Feature reuse of {name}", scale=args.scale)
     reuse.write_json(blocks, out.with_suffix(".json"))
     reuse.write_csv(blocks, out.with_suffix(".csv"))
     if args.json:
         print(json.dumps(reuse.to_json(blocks), indent=2))
     else:
-        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')} "
-              f"({len(blocks)} dense blocks)")
+        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')}")
+        for b in blocks:
+            print(f"dense block {b.block}: {b.num_layers} layers, structure {b.structure:.2f} "
+                  "(mean z^2 of the cells; about 1 = no source favoured beyond chance)")
     return 0
 
 

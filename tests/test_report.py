@@ -20,8 +20,10 @@ from densenets.cli import main
 from densenets.paper import paper_error
 from densenets.report import SECTIONS, build_report, draw_curves, read_metrics, write_report
 
-COLUMNS = ["epoch", "lr", "train_loss", "train_err", "val_loss", "val_top1_err", "val_top5_err",
-           "test_loss", "test_top1_err", "test_top5_err", "seconds", "images_per_s"]
+# The columns `densenets train` writes (val_* only when the recipe holds out a validation set).
+COLUMNS = ["epoch", "lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err",
+           "val_top5_err", "test_loss", "test_top1_err", "test_top5_err", "seconds",
+           "images_per_s"]
 HEADINGS = {"configuration": "Configuration", "curves": "Training curves",
             "metrics": "Final metrics and the paper", "summary": "Model summary",
             "architecture": "Architecture", "reuse": "Feature reuse (the paper&#x27;s Figure 5)",
@@ -44,13 +46,19 @@ def make_run(run: Path, recipe: str = "digits", model_name: str = "densenet-bc-4
     with open(run / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
-        for e in range(1, 4):
-            w.writerow([e, 0.1, 2.0 / e, 60.0 / e, "", "", "", 2.2 / e, 50.0 / e, 9.0 / e, 1.5,
-                        900])
+        rows = [[e, 0.1, 2.0 / e, 60.0 / e, 2.1 / e, 55.0 / e + 1, 9.0, 2.2 / e, 50.0 / e,
+                 9.0 / e, 1.5, 900] for e in range(1, 4)]
+        rows[-1][8] = test_err
+        w.writerows(rows)
+    final = dict(zip(COLUMNS, rows[-1], strict=True))
+    at_best = dict(zip(COLUMNS, rows[1], strict=True))  # the best validation epoch
     (run / "config.json").write_text(json.dumps(
         {"recipe": recipe, "model": model_name, "epochs": 3, "seed": 0,
          "optimizer": {"name": "sgd", "lr": 0.1, "nesterov": True}}))
-    (run / "summary.json").write_text(json.dumps({"test_top1_err": test_err, "epochs": 3}))
+    (run / "summary.json").write_text(json.dumps(
+        {"recipe": recipe, "model": model_name, "epochs_completed": 3, "epochs": 3,
+         "final": final, "best": {"epoch": 2, "split": "val", "top1_err": at_best["val_top1_err"]},
+         "at_best": at_best}))
     if curves is not None:
         (run / "curves.png").write_bytes(curves)
     return model
@@ -93,6 +101,13 @@ def test_final_metrics_against_the_paper(tmp_path):
     ref = paper_error("densenet-bc-100-k12", "C10+")
     assert f"<td>{ref:.4g}</td>" in section and "Table 2" in section
     assert f"<td>{5.0 - ref:.4g}</td>" in section  # this run minus the paper
+    assert "the last epoch (epoch 3)" in section
+
+    # SVHN: the paper quotes the test error at the epoch of lowest validation error.
+    make_run(tmp_path / "svhn", recipe="svhn", model_name="densenet-bc-100-k12")
+    section = build_report(tmp_path / "svhn").split('<section id="metrics">')[1]
+    assert "the best-validation epoch (epoch 2)" in section
+    assert f"<td>{paper_error('densenet-bc-100-k12', 'SVHN'):.4g}</td>" in section
 
     make_run(tmp_path / "digits")
     section = build_report(tmp_path / "digits").split('<section id="metrics">')[1]

@@ -178,6 +178,13 @@ def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _columns(rows: list[list[Any]], n: int) -> str:
+    """Field/value rows as up to ``n`` tables side by side, so a long configuration stays short."""
+    per = max(1, -(-len(rows) // n))
+    tables = [_table(["field", "value"], rows[i:i + per]) for i in range(0, len(rows), per)]
+    return '<div class="cols">' + "".join(tables) + "</div>"
+
+
 def _section(sid: str, title: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
 
@@ -250,7 +257,7 @@ def build_report(run_dir: str | Path) -> str:
 
     parts = []
     cfg_rows = [[k, v] for k, v in _kv_table(config)] or [["(no config.json)", None]]
-    parts.append(_section("configuration", "Configuration", _table(["field", "value"], cfg_rows)))
+    parts.append(_section("configuration", "Configuration", _columns(cfg_rows, 3)))
     curves = (run / "curves.png").read_bytes() if (run / "curves.png").is_file() \
         else draw_curves(rows)
     parts.append(_section("curves", "Training curves",
@@ -308,6 +315,7 @@ table {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }}
 th, td {{ border: 1px solid #ddd; padding: 2px 8px; text-align: left; }}
 th {{ background: #f3f3f3; }} img {{ max-width: 100%; }}
 table.compare td:nth-child(2) {{ font-weight: bold; }}
+.cols {{ display: flex; gap: 1.5em; align-items: flex-start; flex-wrap: wrap; }}
 </style></head>
 <body><h1>{title}</h1><p class="sub">{sub}</p><nav>{nav}</nav>
 {body}

@@ -1,0 +1,45 @@
+"""torch.hub entry points: ``torch.hub.load(REPO, "densenet121", weights="imagenet")``.
+
+Works from a GitHub checkout or a local one (``source="local"``) without installing the
+package: the ``src`` folder is put on the import path first.
+"""
+
+import os
+import sys
+
+dependencies = ["torch", "torchvision"]
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
+if os.path.isdir(_SRC) and _SRC not in sys.path:
+    sys.path.insert(0, _SRC)
+
+from densenets import load  # noqa: E402
+from densenets.zoo import create_model  # noqa: E402
+
+
+def _entry(name):
+    def build(pretrained=False, weights=None, **kwargs):
+        if pretrained and weights is None:
+            weights = "imagenet"
+        return create_model(name, weights=weights, **kwargs)
+
+    build.__name__ = name.replace("-", "_")
+    build.__doc__ = (f"{name}; weights='imagenet' (or pretrained=True) loads torchvision's "
+                     "published weights, weights=PATH a local file; other keyword arguments "
+                     "as in densenets.create_model (num_classes, features_only, ...).")
+    return build
+
+
+densenet121 = _entry("densenet121")
+densenet161 = _entry("densenet161")
+densenet169 = _entry("densenet169")
+densenet201 = _entry("densenet201")
+densenet264 = _entry("densenet264")
+densenet_bc_100_k12 = _entry("densenet-bc-100-k12")
+densenet_bc_250_k24 = _entry("densenet-bc-250-k24")
+densenet_bc_190_k40 = _entry("densenet-bc-190-k40")
+densenet_40_k12 = _entry("densenet-40-k12")
+
+__all__ = ["create_model", "load", "densenet121", "densenet161", "densenet169", "densenet201",
+           "densenet264", "densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40",
+           "densenet_40_k12"]

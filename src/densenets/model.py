@@ -265,6 +265,21 @@ class DenseNet(nn.Module):
         x = torch.flatten(self.global_pool(x), 1)
         return x if pre_logits else self.classifier(x)
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs.
+
+        For fine-tuning on a new label set; ``forward_head(x, pre_logits=True)`` gives the
+        pooled features without any classifier.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}; for "
+                             "pooled features use forward_head(x, pre_logits=True)")
+        old = self.classifier.weight
+        self.classifier = nn.Linear(self.num_features, num_classes, device=old.device,
+                                    dtype=old.dtype)
+        nn.init.zeros_(self.classifier.bias)
+        self.config.num_classes = num_classes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -1,0 +1,160 @@
+"""Verbs that use a model's weights: export and predict.
+
+CHECKPOINT_OR_MODEL is a weights file (a training checkpoint or state dict in .pt/.pth, a
+.safetensors file), a run directory (its best.pt), or a zoo name with random weights unless
+``--weights imagenet|PATH`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from ..export import FORMATS, export, verify
+from ..predict import predict_files, weights_meta
+from ..weights import load
+from ..zoo import create_model
+from .inspect_cmds import add_model_overrides, model_from_args
+
+_OVERRIDES = ("growth_rate", "compression", "num_init_features", "num_classes", "in_channels",
+              "stem", "drop_rate")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a model to ONNX, TorchScript or a torch.export program",
+        description="Write CHECKPOINT_OR_MODEL (a .pt/.pth/.safetensors file, a run directory, "
+                    "or a zoo name) to FILE and check the result against PyTorch (ONNX with "
+                    "onnxruntime).")
+    _add_source(p)
+    p.add_argument("--format", choices=list(FORMATS), default="onnx", help="default: onnx")
+    p.add_argument("-o", "--output", help="output file (default: MODEL.onnx/.pt/.pt2)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="let the batch dimension vary (TorchScript traces always do)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                   help="example input size (default: the weights' centre crop)")
+    p.add_argument("--no-check", action="store_true", help="skip running the exported model")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted |exported - PyTorch| in the check (default 1e-4)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "predict", help="top classes for image files",
+        description="Classify image files with CHECKPOINT_OR_MODEL, using the preprocessing and "
+                    "class names stored with its weights. Unreadable files are reported and "
+                    "skipped (exit status 1); the rest are still predicted.")
+    _add_source(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="CHECKPOINT_OR_MODEL",
+                   help="weights file, run directory, or zoo name (random weights)")
+    p.add_argument("--weights", metavar="imagenet|PATH",
+                   help="for a zoo name: torchvision's ImageNet weights or a local file")
+    add_model_overrides(p)
+
+
+def _is_file_spec(spec: str) -> bool:
+    p = Path(spec)
+    return p.exists() or p.suffix in _FILE_SUFFIXES or "/" in spec or "\\" in spec
+
+
+def resolve_model(args: argparse.Namespace):
+    """(name, model) for CHECKPOINT_OR_MODEL; adaptation notes go to stderr, one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        if _is_file_spec(args.model):
+            given = [k for k in (*_OVERRIDES, "block_config", "depth") if getattr(args, k, None)]
+            if args.weights or given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--weights"
+                raise ValueError(f"{flags} applies to a zoo name; the file {args.model} already "
+                                 "fixes the architecture and weights")
+            model = load(args.model)
+            name = model.weights_meta.get("model_name") or Path(args.model).stem
+        elif args.weights:
+            overrides = {k: getattr(args, k) for k in _OVERRIDES
+                         if getattr(args, k, None) is not None}
+            if args.block_config:
+                overrides["block_config"] = tuple(args.block_config)
+            name = args.model.lower()
+            model = create_model(name, weights=args.weights, **overrides)
+        else:
+            name, model = model_from_args(args)
+    for w in caught:
+        print(f"densenets {args.command}: note: {w.message}", file=sys.stderr)
+    return name, model
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    name, model = resolve_model(args)
+    out = args.output or f"{Path(name).name}{FORMATS[args.format]}"
+    size = tuple(args.input_size) if args.input_size else None
+    result = export(model, out, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                    input_size=size)
+    # A dynamic batch is checked at a size other than the traced one, to show it varies.
+    check_batch = 3 if result.dynamic_batch else result.input_shape[0]
+    diff = None if args.no_check else verify(out, args.format, model, batch_size=check_batch,
+                                             input_size=size)
+    ok = diff is None or diff <= args.tolerance
+    info = {"model": name, "file": str(result.path), "format": result.format,
+            "exporter": result.exporter, "example_input": list(result.input_shape),
+            "dynamic_batch": result.dynamic_batch, "bytes": result.path.stat().st_size,
+            "opset": result.opset, "max_abs_diff": diff, "check_passed": ok if diff is not None
+            else None}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        extra = f", opset {result.opset}" if result.opset else ""
+        print(f"exported {name} to {result.path} ({result.format} via {result.exporter}{extra}, "
+              f"input {'x'.join(map(str, result.input_shape[1:]))}, "
+              f"{'dynamic' if result.dynamic_batch else 'fixed'} batch, "
+              f"{_size(info['bytes'])})")
+        if diff is not None:
+            runner = "onnxruntime" if args.format == "onnx" else "the reloaded artefact"
+            print(f"check: {runner} vs PyTorch on a batch of {check_batch}, "
+                  f"max |diff| = {diff:.2e} "
+                  f"({'ok' if ok else 'FAILED'}, tolerance {args.tolerance:g})")
+    if not ok:
+        print(f"densenets export: error: exported outputs differ from PyTorch by {diff:.2e} "
+              f"> {args.tolerance:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    name, model = resolve_model(args)
+    report = predict_files(model, args.images, topk=args.topk, batch_size=args.batch_size,
+                           device=args.device)
+    meta = weights_meta(model)
+    for s in report.skipped:
+        print(f"densenets predict: skipped {s['file']}: {s['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": name, "source": meta.get("source"),
+                          "preprocessing": meta["preprocessing"], **report.to_dict()}, indent=2))
+    else:
+        pre = meta["preprocessing"]
+        resize = f"resize {pre['resize']}, " if pre.get("resize") else ""
+        labels = "its class names" if meta["class_names"] else "class indices (no names stored)"
+        print(f"{name}: {resize}centre crop {pre['crop']}, {pre.get('interpolation', 'bilinear')}"
+              f"; {labels}")
+        for p in report.predictions:
+            print(p.file)
+            for rank, t in enumerate(p.topk, 1):
+                print(f"  {rank}. {t['probability'] * 100:6.2f}%  {t['label']} ({t['index']})")
+    return 1 if report.skipped else 0

@@ -1,0 +1,181 @@
+"""DenseNet checkpoints in the wild, mapped onto this library's (torchvision's) key layout.
+
+Layouts handled: torchvision's current keys; its legacy hosted keys (``denselayer1.norm.1.weight``,
+from module names that once contained dots); ``module.`` (DataParallel/DDP), ``_orig_mod.``
+(torch.compile) and ``model.`` (Lightning) prefixes; wrappers such as ``{"state_dict": ...}``;
+timm's DenseNets, whose parameter names equal torchvision's (timm fuses BN and ReLU into one
+``BatchNormAct2d`` that keeps the BN's parameter names). timm's deep-stem variants
+(densenet121d, densenetblur121d, densenet264d) have a three-convolution stem that this library
+does not build, and are refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .layers import compressed_channels
+from .zoo import IMAGENET, VARIANTS, model_config
+
+_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|"
+    r"num_batches_tracked))$"
+)
+_WRAPPERS = ("model", "state_dict", "model_state_dict", "model_state", "net", "network")
+_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+_ARCH = ("growth_rate", "block_config", "num_init_features", "bottleneck", "bn_size",
+         "compression", "stem")
+
+
+def remap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """Any DenseNet state dict (or a checkpoint wrapping one) with canonical keys."""
+    while isinstance(obj, Mapping) and not any(torch.is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(f"no state dict found in the checkpoint; its top-level keys are "
+                             f"{sorted(map(str, obj))[:8]}")
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state dict (a mapping of names to tensors), got "
+                         f"{type(obj).__name__}")
+    sd = {str(k): v for k, v in obj.items() if torch.is_tensor(v)}
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    sd = {_legacy_to_current(k): v for k, v in sd.items()}
+    if "features.conv1.weight" in sd:
+        raise ValueError("this is a deep-stem DenseNet (timm's densenet121d, densenetblur121d "
+                         "or densenet264d: three 3x3 stem convolutions), which densenets does "
+                         "not build; use a checkpoint of a standard-stem DenseNet")
+    if not any(k.startswith("features.") for k in sd):
+        raise ValueError(f"no DenseNet weights in the checkpoint (no 'features.*' keys); its "
+                         f"keys start {sorted(sd)[:4]}")
+    return sd
+
+
+def _legacy_to_current(key: str) -> str:
+    m = _LEGACY.match(key)
+    return m.group(1) + m.group(2) if m else key
+
+
+def to_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The hosted torchvision layout (``norm.1``, ``conv.2``), for tests and old tooling."""
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))([12]\..*)$")
+    out = {}
+    for k, v in state_dict.items():
+        m = pattern.match(k)
+        out[f"{m.group(1)}.{m.group(2)}" if m else k] = v
+    return out
+
+
+def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"cannot read the architecture off the checkpoint: {key} is missing")
+    return tuple(sd[key].shape)
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The DenseNet arguments a canonical state dict was made with, read off tensor shapes.
+
+    Dropout leaves no trace in weights, so ``drop_rate`` is 0.
+    """
+    init, in_ch, kh, _ = _shape(sd, "features.conv0.weight")
+    blocks = []
+    while any(k.startswith(f"features.denseblock{len(blocks) + 1}.") for k in sd):
+        prefix = f"features.denseblock{len(blocks) + 1}.denselayer"
+        blocks.append(max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)))
+    if not blocks:
+        raise ValueError("cannot read the architecture off the checkpoint: no dense blocks")
+    first = "features.denseblock1.denselayer1."
+    bottleneck = first + "conv2.weight" in sd
+    conv1 = _shape(sd, first + "conv1.weight")[0]
+    growth = _shape(sd, first + "conv2.weight")[0] if bottleneck else conv1
+    bn_size = conv1 // growth if bottleneck else 4
+    transitions = [(_shape(sd, f"features.transition{i}.conv.weight")[:2])
+                   for i in range(1, len(blocks))]
+    cfg = dict(growth_rate=growth, block_config=tuple(blocks), num_init_features=init,
+               bottleneck=bottleneck, bn_size=bn_size,
+               compression=_compression(transitions), drop_rate=0.0,
+               num_classes=_shape(sd, "classifier.weight")[0] if "classifier.weight" in sd
+               else 1000,
+               in_channels=in_ch, stem="imagenet" if kh == 7 else "cifar",
+               memory_efficient=False)
+    return cfg
+
+
+def _compression(transitions: list[tuple[int, ...]]) -> float:
+    """The shortest decimal theta with floor(theta * m) == out for every (out, m) transition."""
+    if not transitions:
+        return 0.5
+    # Each transition pins theta to [out / m, (out + 1) / m); theta must lie in all of them.
+    lo = max(o / m for o, m in transitions)
+    hi = min(min((o + 1) / m for o, m in transitions), 1.0 + 1e-12)
+    for digits in range(1, 10):
+        scale = 10 ** digits
+        theta = math.ceil(round(lo * scale, 6)) / scale
+        if theta < hi and 0 < theta <= 1 and all(compressed_channels(m, theta) == o
+                                                 for o, m in transitions):
+            return theta
+    raise ValueError(f"the transitions {transitions} (out, in channels) do not share one "
+                     "compression factor; this is not a DenseNet densenets can build")
+
+
+def describe_config(cfg: Mapping[str, Any]) -> str:
+    """The zoo name of an architecture, or a compact description when it has none."""
+    arch = {k: cfg.get(k) for k in _ARCH}
+    arch["block_config"] = tuple(arch["block_config"] or ())
+
+    def same(name: str) -> bool:
+        ref = model_config(name)
+        ref.setdefault("bottleneck", True)
+        ref.setdefault("bn_size", 4)
+        ref.setdefault("compression", 0.5)
+        ref.setdefault("stem", "imagenet")
+        return all(ref[k] == arch[k] for k in _ARCH)
+
+    for name in IMAGENET:
+        if same(name):
+            return name
+    blocks = arch["block_config"]
+    if arch["stem"] == "cifar" and len(set(blocks)) == 1 and len(blocks) == 3:
+        for variant, (_, _, per_layer) in VARIANTS.items():
+            name = f"{variant}-{3 * per_layer * blocks[0] + 4}-k{arch['growth_rate']}"
+            if same(name):
+                return name
+    return (f"DenseNet(k={arch['growth_rate']}, blocks={list(blocks)}, "
+            f"stem={arch['stem']}, init={arch['num_init_features']}, "
+            f"B={arch['bottleneck']}, theta={arch['compression']})")
+
+
+def key_diff(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
+             ) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+    """Missing keys, unexpected keys and (key, model shape, checkpoint shape) conflicts.
+
+    ``num_batches_tracked`` may be missing: checkpoints from before it existed lack it.
+    """
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    conflicts = [(k, tuple(own[k].shape), tuple(sd[k].shape)) for k in own
+                 if k in sd and own[k].shape != sd[k].shape]
+    return missing, unexpected, conflicts
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A stem kernel trained on RGB, for ``in_channels`` inputs with the same response scale.
+
+    One channel: sum over RGB (a grey image gives the activation its RGB copy gave). More or
+    other counts: repeat the RGB kernels cyclically and rescale by 3 / in_channels.
+    """
+    c = weight.shape[1]
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // c)
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)

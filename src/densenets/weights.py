@@ -1,0 +1,421 @@
+"""Weights in and out: torchvision's published ImageNet checkpoints, every DenseNet checkpoint
+layout in the wild, and safetensors files that carry the model configuration.
+
+Reading never unpickles arbitrary objects (``torch.load(..., weights_only=True)``) and loading
+never half-succeeds: a checkpoint that does not fit the model raises :class:`KeyMismatchError`
+listing missing and unexpected keys and shape conflicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .keymap import adapt_input_conv, describe_config, infer_config, key_diff, remap_state_dict
+from .model import DenseNet
+from .zoo import IMAGENET, model_config
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CHECKPOINT_FORMAT = "densenets.checkpoint"
+_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One published checkpoint: where it lives, its SHA-256 prefix, and what it was scored at."""
+
+    name: str
+    url: str
+    sha256: str  # prefix of the file's SHA-256, as in the file name torchvision publishes
+    top1: float
+    top5: float
+    num_params: int
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def meta(self) -> dict[str, Any]:
+        """Class names, evaluation preprocessing and provenance that travel with the weights."""
+        return {
+            "class_names": imagenet_class_names(),
+            "preprocessing": imagenet_preprocessing(),
+            "min_input_size": 29,
+            "recipe": "torchvision ImageNet weights (ported from the authors' Lua Torch models)",
+            "source": self.url,
+            "metrics": {"imagenet_top1": self.top1, "imagenet_top5": self.top5,
+                        "evaluated_at": "resize 256 bilinear, centre crop 224"},
+        }
+
+
+_BASE = "https://download.pytorch.org/models/"
+PRETRAINED: dict[str, PretrainedWeights] = {
+    "densenet121": PretrainedWeights("densenet121", _BASE + "densenet121-a639ec97.pth",
+                                     "a639ec97", 74.434, 91.972, 7_978_856),
+    "densenet161": PretrainedWeights("densenet161", _BASE + "densenet161-8d451a50.pth",
+                                     "8d451a50", 77.138, 93.560, 28_681_000),
+    "densenet169": PretrainedWeights("densenet169", _BASE + "densenet169-b2777c0a.pth",
+                                     "b2777c0a", 75.600, 92.806, 14_149_480),
+    "densenet201": PretrainedWeights("densenet201", _BASE + "densenet201-c1103571.pth",
+                                     "c1103571", 76.896, 93.370, 20_013_928),
+}
+
+
+class WeightsNotAvailableError(FileNotFoundError):
+    """Published weights could not be fetched (offline, blocked, or the server failed)."""
+
+
+class KeyMismatchError(ValueError):
+    """A checkpoint does not fit the model; the message is the readable diff."""
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (shipped with torchvision, offline)."""
+    from torchvision.models import DenseNet121_Weights
+
+    return list(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def imagenet_preprocessing() -> dict[str, Any]:
+    """torchvision's evaluation transform for its DenseNet weights."""
+    return {"resize": 256, "crop": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "interpolation": "bilinear"}
+
+
+def default_preprocessing(config: dict[str, Any]) -> dict[str, Any]:
+    """A fallback for weights that carry no preprocessing: the native size of the stem type."""
+    if config.get("stem", "imagenet") == "imagenet":
+        pre = imagenet_preprocessing()
+    else:
+        pre = {"resize": 32, "crop": 32, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+               "interpolation": "bilinear"}
+    c = int(config.get("in_channels", 3))
+    if c != 3:
+        pre["mean"], pre["std"] = [0.5] * c, [0.5] * c
+    return pre
+
+
+def complete_meta(config: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Complete ``meta`` with defaults; drop class names that no longer fit the classifier."""
+    out: dict[str, Any] = {"class_names": None, "preprocessing": default_preprocessing(config)}
+    out.update({k: v for k, v in (meta or {}).items() if v is not None})
+    names = out.get("class_names")
+    if names is not None and len(names) != config["num_classes"]:
+        out["class_names"] = None
+    return out
+
+
+# ---------------------------------------------------------------- download
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_weights(name: str, progress: bool = True) -> Path:
+    """The local path of ``name``'s published weights, downloaded into torch.hub's cache once.
+
+    The file's SHA-256 must start with the published prefix, both on download and when it is
+    found in the cache, so a truncated or replaced file is never loaded.
+    """
+    entry = pretrained_entry(name)
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / entry.filename
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(entry.url, str(dst), hash_prefix=entry.sha256,
+                                           progress=progress)
+        except OSError as e:  # URLError, HTTPError, timeouts, refused connections
+            raise WeightsNotAvailableError(
+                f"could not download the {name} ImageNet weights from {entry.url} ({e}). "
+                f"Without internet, download that file on another machine and pass "
+                f"weights=PATH (or copy it to {dst})"
+            ) from e
+        except RuntimeError as e:
+            if "hash" not in str(e):
+                raise
+            raise ValueError(f"the file downloaded from {entry.url} failed its hash check "
+                             f"({e}); nothing was saved. Try again later") from e
+    digest = _sha256(dst)
+    if not digest.startswith(entry.sha256):
+        raise ValueError(
+            f"the cached file {dst} has SHA-256 {digest[:16]}..., expected a prefix of "
+            f"{entry.sha256}: it is corrupt or not the published file. Delete it and retry"
+        )
+    return dst
+
+
+def pretrained_entry(name: str) -> PretrainedWeights:
+    """The registry entry for ``name``, or a ValueError naming the models that have weights."""
+    key = name.strip().lower()
+    if key not in PRETRAINED:
+        raise ValueError(
+            f"no published ImageNet weights for {name!r}; they exist for "
+            f"{', '.join(PRETRAINED)}. Pass weights=PATH to load a local checkpoint instead"
+        )
+    return PRETRAINED[key]
+
+
+# ---------------------------------------------------------------- reading files
+
+@dataclass
+class Checkpoint:
+    """What a weights file holds once read: canonical state dict plus what it says about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+    path: str | None = None
+
+
+def _resolve_path(path: str | os.PathLike) -> Path:
+    """A file, or a training run directory (its best.pt, else last.pt)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in ("best.pt", "last.pt", "model.safetensors"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"{p} is a directory without best.pt, last.pt or "
+                                "model.safetensors; pass the checkpoint file itself")
+    if not p.is_file():
+        raise FileNotFoundError(f"no such weights file: {p}")
+    return p
+
+
+def _torch_load(p: Path) -> Any:
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ValueError(
+                f"refused to load {p}: it contains a Python object ({found.group(1)}) besides "
+                "tensors and plain containers, and unpickling it could run arbitrary code. If "
+                "you trust the file, re-save only its weights (torch.save(state_dict, ...) or "
+                "densenets.save) and load that"
+            ) from None
+        raise ValueError(f"{p} is not a PyTorch checkpoint (unreadable pickle data)") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{p} is not a readable PyTorch checkpoint ({e})") from None
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            names = list(f.keys())  # safe_open is not iterable
+            return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{p} is not a readable safetensors file ({e})") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read any supported weights file into a :class:`Checkpoint` with canonical keys.
+
+    Accepts our training checkpoints and weight files, safetensors files (ours, timm's), bare
+    state dicts from torchvision (current or legacy keys), timm, DataParallel/DDP, and common
+    wrappers (``{"state_dict": ...}``, ``{"model": ...}``).
+    """
+    p = _resolve_path(path)
+    if p.suffix == ".safetensors":
+        sd, md = _read_safetensors(p)
+        config = json.loads(md["densenets.model_config"]) if "densenets.model_config" in md \
+            else None
+        meta = json.loads(md.get("densenets.meta", "{}"))
+        return Checkpoint(remap_state_dict(sd), config, meta, md.get("densenets.model_name"),
+                          str(p))
+    obj = _torch_load(p)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        if int(obj.get("version", 1)) > 1:
+            raise ValueError(f"{p} is checkpoint format version {obj['version']}; this "
+                             "densenets reads version 1: upgrade densenets")
+        return Checkpoint(remap_state_dict(obj["model"]), obj.get("model_config"),
+                          dict(obj.get("meta") or {}), obj.get("model_name"), str(p))
+    return Checkpoint(remap_state_dict(obj), path=str(p))
+
+
+# ---------------------------------------------------------------- loading into a model
+
+def load_into(model: DenseNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a canonical state dict into ``model``; return notes on what was adapted.
+
+    A classifier of another size is left freshly initialised (fine-tuning), a 3-channel stem
+    is adapted to the model's input channels; every other difference raises
+    :class:`KeyMismatchError` before anything is copied.
+    """
+    own = model.state_dict()
+    sd = dict(state_dict)
+    notes: list[str] = []
+    w = "features.conv0.weight"
+    if w in sd and w in own and sd[w].shape != own[w].shape \
+            and sd[w].shape[0] == own[w].shape[0] and sd[w].shape[2:] == own[w].shape[2:]:
+        notes.append(f"adapted features.conv0 from {sd[w].shape[1]} to {own[w].shape[1]} input "
+                     "channels (summed over RGB for 1, repeated and rescaled otherwise)")
+        sd[w] = adapt_input_conv(sd[w], own[w].shape[1])
+    cw = "classifier.weight"
+    if cw in sd and cw in own and sd[cw].shape != own[cw].shape \
+            and sd[cw].shape[1:] == own[cw].shape[1:]:
+        notes.append(f"classifier not loaded: the checkpoint has {sd[cw].shape[0]} classes and "
+                     f"the model {own[cw].shape[0]}, so it keeps its fresh initialisation for "
+                     "fine-tuning; everything else was loaded")
+        sd[cw], sd["classifier.bias"] = own[cw], own["classifier.bias"]
+    missing, unexpected, conflicts = key_diff(own, sd)
+    if missing or unexpected or conflicts:
+        raise KeyMismatchError(_format_diff(model, sd, missing, unexpected, conflicts))
+    for k in own:
+        sd.setdefault(k, own[k])  # num_batches_tracked, absent from old checkpoints
+    model.load_state_dict(sd, strict=True)
+    return notes
+
+
+def _format_diff(model: DenseNet, sd: dict, missing: list[str], unexpected: list[str],
+                 conflicts: list[tuple[str, tuple, tuple]]) -> str:
+    def some(keys: list[str]) -> str:
+        # One entry per module (norm1, not its four tensors) keeps a deep diff readable.
+        mods = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys))
+        more = f", ... and {len(mods) - 6} more modules" if len(mods) > 6 else ""
+        return ", ".join(mods[:6]) + more
+
+    lines = [f"the checkpoint does not fit {describe_config(model.config.to_dict())}: "
+             f"{len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(conflicts)} shape conflicts; nothing was loaded"]
+    if missing:
+        lines.append(f"  missing (in the model, not the checkpoint): {some(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected (in the checkpoint, not the model): {some(unexpected)}")
+    for k, mine, theirs in conflicts[:6]:
+        lines.append(f"  shape conflict {k}: model {list(mine)}, checkpoint {list(theirs)}")
+    if len(conflicts) > 6:
+        lines.append(f"  ... and {len(conflicts) - 6} more shape conflicts")
+    with contextlib.suppress(ValueError):  # too damaged to read an architecture off
+        lines.append(f"  the checkpoint looks like {describe_config(infer_config(sd))}; "
+                     "build that model, or use densenets.load(path), which reads it")
+    return "\n".join(lines)
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+
+
+def _build(config: dict[str, Any], ckpt: Checkpoint, overrides: dict[str, Any]) -> DenseNet:
+    """Build from ``config`` with the checkpoint's classes and channels unless overridden."""
+    cfg = dict(config)
+    sd = ckpt.state_dict
+    if "num_classes" not in overrides and "classifier.weight" in sd:
+        cfg["num_classes"] = int(sd["classifier.weight"].shape[0])
+    if "in_channels" not in overrides and "features.conv0.weight" in sd:
+        cfg["in_channels"] = int(sd["features.conv0.weight"].shape[1])
+    cfg.update(overrides)
+    model = DenseNet(**cfg)
+    _warn(load_into(model, sd))
+    model.weights_meta = complete_meta(model.config.to_dict(), ckpt.meta)
+    model.weights_meta.setdefault("source", ckpt.path)
+    model.weights_meta.setdefault("model_name", ckpt.model_name or describe_config(cfg))
+    return model
+
+
+def _imagenet_meta_if_fits(ckpt: Checkpoint, config: dict[str, Any]) -> None:
+    """A bare 1000-class ImageNet-architecture state dict gets ImageNet's names and transform."""
+    name = describe_config(config)
+    if not ckpt.meta and name in PRETRAINED and config["num_classes"] == 1000 \
+            and config["in_channels"] == 3:
+        ckpt.meta = {k: v for k, v in PRETRAINED[name].meta().items() if k != "source"}
+        ckpt.model_name = name
+
+
+def pretrained_model(name: str, weights: str | os.PathLike, **overrides: Any) -> DenseNet:
+    """``create_model(name, weights=...)``: the zoo architecture with loaded weights.
+
+    ``weights`` is ``"imagenet"`` (torchvision's published checkpoint for ``name``) or a path.
+    ``num_classes`` and ``in_channels`` default to the checkpoint's; overriding ``num_classes``
+    loads everything but the classifier (fine-tuning) and says so.
+    """
+    if isinstance(weights, str) and weights.lower() in ("imagenet", "imagenet1k", "default"):
+        entry = pretrained_entry(name)
+        ckpt = read_checkpoint(download_weights(entry.name))
+        ckpt.meta, ckpt.model_name = entry.meta(), entry.name
+    elif isinstance(weights, (str, os.PathLike)):
+        ckpt = read_checkpoint(weights)
+        _imagenet_meta_if_fits(ckpt, {**model_config(name), **_shape_overrides(ckpt)})
+    else:
+        raise ValueError(f"weights must be 'imagenet' or a file path, got {weights!r}")
+    return _build(model_config(name), ckpt, overrides)
+
+
+def _shape_overrides(ckpt: Checkpoint) -> dict[str, int]:
+    sd, out = ckpt.state_dict, {}
+    if "classifier.weight" in sd:
+        out["num_classes"] = int(sd["classifier.weight"].shape[0])
+    if "features.conv0.weight" in sd:
+        out["in_channels"] = int(sd["features.conv0.weight"].shape[1])
+    return out
+
+
+def load(path: str | os.PathLike, **overrides: Any) -> DenseNet:
+    """Rebuild a DenseNet from a weights file alone and load its weights.
+
+    The architecture comes from the file's stored configuration (our checkpoints and
+    safetensors) or is read off the tensor shapes (any other DenseNet state dict). The model's
+    ``weights_meta`` holds class names, preprocessing and provenance. Overrides such as
+    ``num_classes=10`` (fine-tuning) or ``memory_efficient=True`` change the built model.
+    """
+    ckpt = read_checkpoint(path)
+    config = ckpt.config or infer_config(ckpt.state_dict)
+    if ckpt.config is None:
+        _imagenet_meta_if_fits(ckpt, config)
+    return _build(config, ckpt, overrides)
+
+
+def save(model: DenseNet, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+         model_name: str | None = None) -> Path:
+    """Save ``model``'s weights with its configuration and ``meta`` (class names, preprocessing).
+
+    ``.safetensors`` stores them in the file's metadata; ``.pt``/``.pth`` writes the training
+    checkpoint format without optimizer state. Either way :func:`load` rebuilds the model.
+    """
+    if not isinstance(model, DenseNet):
+        raise ValueError(f"save() takes a densenets DenseNet, got {type(model).__name__}")
+    p = Path(path).expanduser()
+    if p.suffix not in (".safetensors", ".pt", ".pth"):
+        raise ValueError(f"unknown weights format {p.suffix!r} for {p}; use .safetensors, .pt "
+                         "or .pth")
+    config = model.config.to_dict()
+    meta = complete_meta(config, meta if meta is not None else getattr(model, "weights_meta", None))
+    meta.pop("source", None)
+    name = model_name or meta.pop("model_name", None) or describe_config(config)
+    meta.pop("model_name", None)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(p), metadata={
+            "format": "pt", "densenets.version": "1", "densenets.model_name": name,
+            "densenets.model_config": json.dumps(config), "densenets.meta": json.dumps(meta)})
+    else:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "model": sd,
+                    "model_config": config, "model_name": name, "meta": meta}, p)
+    return p
+
+
+__all__ = ["IMAGENET", "PRETRAINED", "Checkpoint", "KeyMismatchError", "PretrainedWeights",
+           "WeightsNotAvailableError", "default_preprocessing", "download_weights",
+           "imagenet_class_names", "imagenet_preprocessing", "load", "load_into",
+           "pretrained_model", "read_checkpoint", "save"]

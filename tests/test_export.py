@@ -1,0 +1,105 @@
+"""Issue 3, item 7: export to ONNX (checked with onnxruntime), TorchScript, ExportedProgram."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from densenets import create_model, save
+from densenets.cli import main
+from densenets.export import export, read_metadata, run_exported
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small zoo model with non-trivial weights saved with class names: as after training."""
+    torch.manual_seed(0)
+    model = create_model("densenet-bc-16-k4", num_classes=4)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.dim() == 1 and t.is_floating_point():
+                t.uniform_(0.5, 1.5)
+    model.weights_meta = {"class_names": ["w", "x", "y", "z"]}
+    path = save(model, tmp_path_factory.mktemp("ckpt") / "model.safetensors")
+    return model.eval(), path
+
+
+def onnxruntime_outputs(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_cli_onnx_dynamic_batch_matches_pytorch(trained, tmp_path, capsys):
+    model, ckpt = trained
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx", "--dynamic-batch", "-o", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["check_passed"] and info["max_abs_diff"] < 1e-4 and info["opset"] == 18
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(onnxruntime_outputs(out, x) - expected).max() < 1e-4
+    meta = read_metadata(out, "onnx")
+    assert meta["class_names"] == ["w", "x", "y", "z"]
+    assert meta["model_config"] == model.config.to_dict()
+    assert meta["preprocessing"]["crop"] == 32
+
+
+def test_onnx_fixed_batch_and_older_opset(trained, tmp_path):
+    model, _ = trained
+    for opset in (17, 18):
+        path = tmp_path / f"m{opset}.onnx"
+        result = export(model, path, "onnx", opset=opset)
+        assert result.input_shape == (1, 3, 32, 32)
+        proto = onnx.load(str(path))
+        assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+        assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert np.abs(onnxruntime_outputs(path, x) - model(x).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("exported-program", ".pt2")])
+def test_torchscript_and_exported_program_roundtrip(trained, tmp_path, fmt, suffix):
+    model, _ = trained
+    path = tmp_path / f"model{suffix}"
+    export(model, path, fmt, dynamic_batch=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (run_exported(path, fmt, x) - model(x)).abs().max() < 1e-5
+    assert read_metadata(path, fmt)["class_names"] == ["w", "x", "y", "z"]
+
+
+def test_cli_exports_any_zoo_name_with_random_weights(tmp_path, capsys):
+    out = tmp_path / "zoo.pt2"
+    assert main(["export", "densenet-bc-16-k4", "--num-classes", "7", "--format",
+                 "exported-program", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "exported densenet-bc-16-k4" in text and "(ok, tolerance 0.0001)" in text
+    assert read_metadata(out, "exported-program")["model_config"]["num_classes"] == 7
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", "densenet-bc-16-k4", "--format", "exported-program",
+                 "-o", str(tmp_path / "x.pt")]) == 2
+    assert main(["export", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "must end in .pt2" in err[0] and "no such weights file" in err[1]
+    with pytest.raises(SystemExit) as e:
+        main(["export", "densenet-bc-16-k4", "--format", "tflite"])
+    assert e.value.code == 2

@@ -1,0 +1,308 @@
+"""Verbs ``train`` and ``eval``: parse flags, resolve a recipe, build data and model, run.
+
+``densenets train`` with no arguments trains the digits recipe. Exit status: 0 when the run
+finished (or stopped at ``--stop-after``), 130 after SIGINT and 143 after SIGTERM (last.pt
+saved, resumable), 1 when the loss diverged, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint, remove_stale_temporaries
+from ..data import build_data
+from ..evaluate import evaluate
+from ..model import DenseNet
+from ..recipes import RECIPES, TrainConfig, default_out_dir, resolve
+from ..runlog import write_json
+from ..train import Schedule, Trainer, TrainingDiverged
+from .inspect_cmds import add_model_overrides, model_from_args
+
+ARCH_FLAGS = ("depth", "growth_rate", "compression", "block_config", "num_init_features",
+              "num_classes", "in_channels", "stem")
+# Flags that may change when a run is resumed; everything else is the stored configuration.
+RESUMABLE = ("epochs", "device", "workers", "data_dir", "download", "stop_after", "strict")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a DenseNet with one of the paper's recipes (default: digits)",
+        description="Train with a recipe of the paper; any flag overrides the recipe. With no "
+                    "arguments: the embedded scikit-learn digits, DenseNet-BC-40 (k=12).")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="dataset + hyperparameters of the paper (default digits)")
+    p.add_argument("--model", help="zoo name or variant (default: the recipe's)")
+    add_model_overrides(p)
+    g = p.add_argument_group("recipe overrides")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="initial learning rate (divided by 10 at 50%% "
+                                            "and 75%% of the epochs; ImageNet at 1/3 and 2/3)")
+    g.add_argument("--val-split", type=int, nargs="?", const=-1, metavar="N",
+                   help="hold N training images out for validation (bare flag: the paper's "
+                        "5000 for CIFAR, 6000 for SVHN)")
+    g.add_argument("--image-size", type=int, help="crop size for folder recipes")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="dataset directory (default data/<dataset>)")
+    g.add_argument("--download", action="store_true", default=None,
+                   help="download CIFAR/SVHN when missing")
+    g.add_argument("--strict", action="store_true", default=None,
+                   help="stop at the first unreadable image instead of skipping it")
+    g.add_argument("--workers", type=int, help="loader processes for image folders (default 4)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run directory (default runs/<recipe>-<model>-<time>)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    g.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop (resumably) after epoch N of the schedule")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms (slower on GPU)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision")
+    g.add_argument("--channels-last", action="store_true", default=None)
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--memory-efficient", action="store_true", default=None,
+                   help="memory-efficient dense blocks")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 error and loss of a checkpoint",
+                       description="Evaluate a training checkpoint (or a run directory: its "
+                                   "best.pt) on the test or validation split of its recipe.")
+    p.add_argument("checkpoint", help="a .pt checkpoint or a run directory")
+    p.add_argument("--recipe", choices=list(RECIPES), help="dataset (default: the training one)")
+    p.add_argument("--data-dir", help="dataset directory (default: the training one)")
+    p.add_argument("--download", action="store_true", help="download CIFAR/SVHN when missing")
+    p.add_argument("--split", choices=("test", "val"),
+                   help="default: the split the paper reports (val for ImageNet)")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="the paper's 10-crop evaluation (image-folder recipes)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", choices=("bf16", "fp16"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
+    """The recipe with every flag the user gave applied (and the checkpoint to resume)."""
+    names = ("model", "epochs", "batch_size", "lr", "val_split", "image_size", "data_dir",
+             "download", "strict", "workers", "out", "stop_after", "seed", "deterministic",
+             "device", "amp", "channels_last", "compile", "memory_efficient", "drop_rate")
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
+    if arch:
+        given["model_overrides"] = arch
+    if args.resume:
+        return _resume_config(args.resume, given, args.recipe)
+    return resolve(args.recipe or "digits", **given), None
+
+
+def _resume_config(run_dir: str, given: dict[str, Any],
+                   recipe: str | None) -> tuple[TrainConfig, dict]:
+    fixed = sorted(k for k in given if k not in RESUMABLE) + (["recipe"] if recipe else [])
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise ValueError(f"--resume continues the stored configuration; {flags} cannot change "
+                         f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --resume takes a run directory that "
+                                "holds last.pt")
+    state = load_checkpoint(path)
+    stored = state.get("config")
+    if not stored:
+        raise ValueError(f"{path} has no stored training configuration to resume")
+    cfg = TrainConfig.from_dict(stored)
+    if "epochs" in given and given["epochs"] != cfg.epochs:
+        # A longer (or shorter) run keeps the recipe's schedule shape over its new length.
+        rescaled = resolve(cfg.recipe, epochs=given["epochs"])
+        cfg.milestones = rescaled.milestones
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    cfg.out = str(run_dir)
+    return cfg, state
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but this torch sees no CUDA device; use "
+                         "--device cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[str, DenseNet]:
+    """The zoo model the configuration names, sized for the data."""
+    ns = argparse.Namespace(model=cfg.model, depth=None, block_config=None, **{
+        k: None for k in ARCH_FLAGS if k not in ("depth", "block_config")})
+    for k, v in cfg.model_overrides.items():
+        setattr(ns, k, v)
+    ns.num_classes = ns.num_classes or num_classes
+    ns.in_channels = ns.in_channels or in_channels
+    ns.drop_rate = cfg.drop_rate
+    name, model = model_from_args(ns)
+    if model.config.num_classes != num_classes or model.config.in_channels != in_channels:
+        raise ValueError(f"the data has {num_classes} classes of {in_channels}-channel images but "
+                         f"the model takes {model.config.num_classes} classes of "
+                         f"{model.config.in_channels} channels; drop --num-classes/--in-channels")
+    return name, model
+
+
+def prepare_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
+    default = not cfg.out
+    out = Path(cfg.out or default_out_dir(cfg))
+    if default:
+        base, n = out, 1
+        while out.exists():
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+    if not resuming and (out / "last.pt").exists():
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose "
+                         "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(out)
+    if default:
+        latest = out.parent / "latest"
+        if latest.is_symlink() or not latest.exists():
+            latest.unlink(missing_ok=True)
+            latest.symlink_to(out.name)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, state = config_from_args(args)
+    resuming = state is not None
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = build_data(cfg, device)
+    if state:
+        model: Any = DenseNet(**state["model_config"])
+        name = state["model_name"]
+    else:
+        name, model = build_model(cfg, data.num_classes, data.in_channels)
+    if cfg.memory_efficient:
+        model.set_memory_efficient(True)
+    run_dir = prepare_run_dir(cfg, resuming)
+    write_json(cfg.to_dict(), run_dir / "config.json")
+    params = sum(p.numel() for p in model.parameters())
+    meta = {"class_names": data.class_names, "preprocessing": data.preprocessing,
+            "recipe": cfg.recipe}
+    recipe = RECIPES[cfg.recipe]
+    trainer = Trainer(
+        model, data.loaders["train"], {k: v for k, v in data.loaders.items() if k != "train"},
+        epochs=cfg.epochs, schedule=Schedule(cfg.lr, cfg.milestones, 0.1), run_dir=run_dir,
+        momentum=cfg.momentum, nesterov=cfg.nesterov, dampening=cfg.dampening,
+        weight_decay=cfg.weight_decay, device=device, amp=cfg.amp,
+        channels_last=cfg.channels_last, compile=cfg.compile, stop_after=cfg.stop_after,
+        checkpoint_extra={"model_config": model.config.to_dict(), "model_name": name,
+                          "meta": meta, "config": cfg.to_dict()},
+        summary_extra={"recipe": cfg.recipe, "model": name, "params": params,
+                       "device": str(device), "run_dir": str(run_dir),
+                       "paper_error": recipe.paper_error})
+    if state:
+        trainer.load_state_dict(state)
+        remove_stale_temporaries(run_dir)
+    sizes = ", ".join(f"{v.num_samples:,} {k}" for k, v in data.loaders.items())
+    print(f"{'resuming' if state else 'training'} {name} ({params:,} parameters) on "
+          f"{cfg.recipe}: {sizes} images; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+          f"lr {cfg.lr:g} (/10 at epochs {', '.join(str(m + 1) for m in cfg.milestones)}), "
+          f"{device}; run directory {run_dir}", flush=True)
+    try:
+        result = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"densenets train: error: {e}", file=sys.stderr)
+        return 1
+    if result.status == "completed":
+        print_summary(result.summary)
+    return result.exit_code
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    final = s["final"]
+    splits = [k[: -len("_loss")] for k in final if k.endswith("_loss") and k != "train_loss"]
+    print(f"finished {s['epochs_completed']} epochs in {s['seconds']:.1f} s "
+          f"({s['images_per_s']:,.0f} training images/s on {s['device']})")
+    for split in splits:
+        err = final[f"{split}_top1_err"]
+        print(f"  {split}: top-1 error {err:.2f}% (accuracy {100 - err:.2f}%), top-5 error "
+              f"{final[f'{split}_top5_err']:.2f}%, loss {final[f'{split}_loss']:.4f} "
+              f"(last epoch)")
+    if s["at_best"] and s["best"]["split"] == "val" and "test_top1_err" in s["at_best"]:
+        print(f"  test top-1 error at the best validation epoch ({s['best']['epoch']}): "
+              f"{s['at_best']['test_top1_err']:.2f}%")
+    print(f"  paper: {s['paper_error']}")
+    print(f"  {s['run_dir']}: config.json metrics.csv curves.png last.pt best.pt summary.json")
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    state = load_checkpoint(args.checkpoint)
+    if not state.get("model_config"):
+        raise ValueError(f"{args.checkpoint} has no model_config, so the network cannot be "
+                         "rebuilt; evaluate it from Python with densenets.evaluate")
+    stored = state.get("config") or {}
+    recipe = args.recipe or stored.get("recipe") or state.get("meta", {}).get("recipe")
+    if not recipe:
+        raise ValueError("the checkpoint does not say which dataset it was trained on; "
+                         "pass --recipe")
+    cfg = TrainConfig.from_dict(stored) if recipe == stored.get("recipe") else resolve(recipe)
+    prep = state.get("meta", {}).get("preprocessing") or {}
+    for key in ("resize", "crop", "mean", "std"):  # the model expects what it was trained on
+        if key in prep:
+            setattr(cfg, key, prep[key])
+    for key in ("data_dir", "batch_size", "workers"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    cfg.download = args.download
+    split = args.split or cfg.eval_split
+    device = pick_device(args.device)
+    data = build_data(cfg, device, splits=(split,), ten_crop=args.ten_crop)
+    if split not in data.loaders:
+        raise ValueError(f"recipe {recipe} has no {split} split here; try --split "
+                         f"{'val' if split == 'test' else 'test'}")
+    model = DenseNet(**{**state["model_config"], "memory_efficient": False})
+    model.load_state_dict(state["model"])
+    if data.num_classes != model.config.num_classes:
+        raise ValueError(f"the {recipe} {split} data has {data.num_classes} classes but the "
+                         f"checkpoint's model predicts {model.config.num_classes}")
+    m = evaluate(model.to(device), data.loaders[split], device, amp=args.amp)
+    out = {"checkpoint": str(args.checkpoint), "model": state.get("model_name"),
+           "epoch": state.get("epoch"), "recipe": recipe, "split": split,
+           "ten_crop": args.ten_crop, "images": m["n"], "loss": m["loss"],
+           "top1_err": m["top1_err"], "top5_err": m["top5_err"],
+           "top1_acc": 100 - m["top1_err"]}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    crop = "10-crop" if args.ten_crop else "single crop"
+    print(f"{out['model']} (epoch {out['epoch']}) on {recipe} {split}, {m['n']:,} images, {crop}:")
+    print(f"  top-1 error {m['top1_err']:.2f}% (accuracy {out['top1_acc']:.2f}%)  "
+          f"top-5 error {m['top5_err']:.2f}%  loss {m['loss']:.4f}")
+    return 0

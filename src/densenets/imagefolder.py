@@ -1,0 +1,233 @@
+"""Image-folder datasets (ImageNet and your own): ``root/{train,val,test}/<class>/<image>``.
+
+Unreadable images are reported by path and skipped (``strict`` makes them fatal), so one bad
+file does not end a long run. Each image's augmentation is seeded from (seed, epoch, index):
+the result does not depend on the number of workers, and a resumed epoch is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .data import DataBundle, epoch_order, preprocessing_of
+
+LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg (optionally root/test/)"
+
+
+class BadSample(NamedTuple):
+    path: str
+    reason: str
+
+
+class Lighting:
+    """PCA colour noise ("lighting") of the ImageNet recipe, on a [0, 1] RGB tensor."""
+
+    EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+    EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
+                           [-0.5808, -0.0045, -0.8140],
+                           [-0.5836, -0.6948, 0.4203]])
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        self.alphastd = alphastd
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.alphastd
+        rgb = (self.EIGVEC * alpha * self.EIGVAL).sum(1)
+        return img + rgb.view(3, 1, 1)
+
+
+def train_transform(crop: int, resize: int | None, mean, std, augment: bool) -> T.Compose:
+    """Scale/aspect crop, flip, colour jitter and lighting (ImageNet) or a plain centre crop."""
+    norm = T.Normalize(mean, std)
+    if augment:
+        return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
+                          T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor(), Lighting(0.1), norm])
+    return eval_transform(crop, resize, mean, std)
+
+
+def eval_transform(crop: int, resize: int | None, mean, std) -> T.Compose:
+    """Resize the shorter side (bilinear), centre crop, normalise."""
+    return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+def ten_crop_transform(crop: int, resize: int | None, mean, std) -> T.Compose:
+    """The paper's 10-crop evaluation: four corners and the centre, and their mirror images."""
+    return T.Compose([T.Resize(resize or crop), T.TenCrop(crop), _StackCrops(mean, std)])
+
+
+class _StackCrops:
+    """The ten PIL crops as one normalised (10, C, H, W) tensor (a class, so workers can pickle)."""
+
+    def __init__(self, mean, std) -> None:
+        self.to_tensor, self.norm = T.ToTensor(), T.Normalize(mean, std)
+
+    def __call__(self, crops) -> torch.Tensor:
+        return torch.stack([self.norm(self.to_tensor(c)) for c in crops])
+
+
+class SafeImageFolder(Dataset):
+    """An ImageFolder whose unreadable images come back as :class:`BadSample` markers."""
+
+    def __init__(self, root: str | os.PathLike, transform, class_names: list[str] | None = None,
+                 strict: bool = False) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir()
+                         and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"{self.root} has no class folders; expected {LAYOUT}")
+        if class_names is not None and classes != list(class_names):
+            raise ValueError(f"{self.root} has classes {classes[:5]}... but the training set "
+                             f"has {list(class_names)[:5]}...: both must hold the same folders")
+        self.classes = classes
+        self.samples: list[tuple[str, int]] = []
+        self.non_images: list[str] = []
+        for idx, name in enumerate(classes):
+            for dirpath, dirnames, filenames in sorted(os.walk(self.root / name)):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    if f.startswith("."):
+                        continue
+                    path = os.path.join(dirpath, f)
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        self.samples.append((path, idx))
+                    else:
+                        self.non_images.append(path)
+        if self.non_images:
+            shown = ", ".join(self.non_images[:5]) + (" ..." if len(self.non_images) > 5 else "")
+            if strict:
+                raise ValueError(f"{len(self.non_images)} non-image files in {self.root}: "
+                                 f"{shown} (--strict); remove them or drop --strict")
+            print(f"densenets: skipping {len(self.non_images)} non-image files in {self.root}: "
+                  f"{shown}", file=sys.stderr)
+        if not self.samples:
+            raise FileNotFoundError(f"no images in {self.root}; expected {LAYOUT}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int | None]) -> Any:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
+        except Exception as e:  # PIL raises many types for truncated or foreign files
+            return BadSample(path, f"{type(e).__name__}: {e}")
+        if seed is None:
+            return self.transform(img), target
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), target
+
+
+def collate_skip_bad(items: list) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
+    """Stack the readable samples of a batch; hand the unreadable ones back for reporting."""
+    bad = [it for it in items if isinstance(it, BadSample)]
+    good = [it for it in items if not isinstance(it, BadSample)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+    x, y = default_collate(good)
+    return x, y, bad
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C belongs to the main process, which finishes its step and saves; workers carry on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class FolderLoader:
+    """Batches of a :class:`SafeImageFolder`, with worker processes and per-image seeds."""
+
+    def __init__(self, dataset: SafeImageFolder, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, workers: int = 0, strict: bool = False,
+                 pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.num_samples = len(dataset)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.workers, self.strict, self.pin_memory = workers, strict, pin_memory
+        self.reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
+        base = (int(self.seed) * 1_000_003 + int(epoch)) * 10_000_019
+        keys = [(int(i), (base + int(i)) % 2**63 if self.shuffle else None)
+                for i in order[start * self.batch_size:]]
+        if not keys:
+            return
+        loader = DataLoader(_KeyedView(self.dataset, keys), batch_size=self.batch_size,
+                            shuffle=False, num_workers=self.workers,
+                            collate_fn=collate_skip_bad, worker_init_fn=_worker_init,
+                            pin_memory=self.pin_memory)
+        for x, y, bad in loader:
+            self._report(bad)
+            yield x, y  # possibly empty: the trainer skips it but keeps counting batches
+
+    def _report(self, bad: list[BadSample]) -> None:
+        for b in bad:
+            if self.strict:
+                raise ValueError(f"unreadable image {b.path} ({b.reason}); remove or replace it, "
+                                 "or drop --strict to skip such files")
+            if b.path not in self.reported:
+                self.reported.add(b.path)
+                print(f"densenets: skipped unreadable image {b.path} ({b.reason})",
+                      file=sys.stderr)
+
+
+class _KeyedView(Dataset):
+    """The samples of one epoch, in order: item i is ``dataset[keys[i]]``."""
+
+    def __init__(self, dataset: SafeImageFolder, keys: list[tuple[int, int | None]]) -> None:
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.keys[i]]
+
+
+def build_folder_data(cfg, device, splits=("train", "val", "test"),
+                      ten_crop: bool = False) -> DataBundle:
+    """Loaders over ``data_dir/{train,val,test}``; train and val must exist for training."""
+    if not cfg.data_dir:
+        raise ValueError(f"recipe {cfg.recipe} needs --data-dir DIR laid out as {LAYOUT}")
+    root = Path(cfg.data_dir)
+    required = set(splits) if len(splits) == 1 else {"train", "val"}
+    for split in sorted(required):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"{root / split} does not exist; {cfg.recipe} expects {LAYOUT}")
+    pin = torch.device(device).type == "cuda"
+    loaders: dict[str, FolderLoader] = {}
+    classes: list[str] | None = None
+    for split in ("train", "val", "test"):
+        if split not in splits or not (root / split).is_dir():
+            continue
+        training = split == "train"
+        if training:
+            tf = train_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std, cfg.augment)
+        elif ten_crop:
+            tf = ten_crop_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std)
+        else:
+            tf = eval_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std)
+        ds = SafeImageFolder(root / split, tf, classes, cfg.strict)
+        classes = classes or ds.classes
+        bs = cfg.batch_size if training or not ten_crop else max(1, cfg.batch_size // 10)
+        loaders[split] = FolderLoader(ds, bs, shuffle=training, seed=cfg.seed,
+                                      workers=cfg.workers, strict=cfg.strict, pin_memory=pin)
+    return DataBundle(loaders, classes or [], 3, preprocessing_of(cfg))

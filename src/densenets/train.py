@@ -1,0 +1,309 @@
+"""The training loop: SGD with a step schedule for any ``nn.Module``, and nothing lost.
+
+The loop knows nothing of DenseNet: it takes a module, a training loader with
+``batches(epoch, start)`` and named evaluation loaders. It writes a run directory
+(``metrics.csv``, ``curves.png``, ``last.pt``, ``best.pt``, ``summary.json``) through one
+function, saves atomically, stops cleanly on SIGINT/SIGTERM (finishing the step and saving a
+mid-epoch checkpoint), stops on a non-finite loss without overwriting the last good checkpoint,
+and resumes bit for bit. Distributed training plugs in at :func:`wrap_model`, ``_reduce`` and
+``_is_main``; the data order lives in :func:`densenets.data.epoch_order`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .evaluate import autocast, evaluate
+from .runlog import EpochProgress, write_curves, write_json, write_metrics
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells do
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving over good checkpoints."""
+
+
+@dataclass
+class Schedule:
+    """Step decay: ``lr * gamma ** (number of milestones <= epoch)``; a pure function of epoch."""
+
+    lr: float
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+@dataclass
+class FitResult:
+    status: str  # completed | interrupted | stopped
+    exit_code: int
+    summary: dict[str, Any]
+
+
+def wrap_model(model: nn.Module, compile: bool = False) -> nn.Module:
+    """The module the steps run through: the one place for torch.compile (and, later, DDP)."""
+    return torch.compile(model) if compile else model
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader``; evaluate on ``eval_loaders`` after every epoch.
+
+    Optimiser: SGD with (Nesterov) momentum and weight decay on every parameter, as in the
+    paper. ``select_on`` names the evaluation split whose top-1 error picks ``best.pt``
+    (default: ``val`` if present, else the first split). ``checkpoint_extra`` is merged into
+    every checkpoint (model_config, model_name, meta, config).
+    """
+
+    def __init__(self, model: nn.Module, train_loader, eval_loaders: dict[str, Any], *,
+                 epochs: int, schedule: Schedule, run_dir: str | Path,
+                 momentum: float = 0.9, nesterov: bool = True, dampening: float = 0.0,
+                 weight_decay: float = 1e-4, device: str | torch.device = "cpu",
+                 amp: str | None = None, channels_last: bool = False, compile: bool = False,
+                 select_on: str | None = None, stop_after: int | None = None,
+                 checkpoint_extra: dict[str, Any] | None = None,
+                 summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
+                 progress: bool | None = None, log: Callable[[str], None] = print) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = wrap_model(self.model, compile)
+        self.train_loader, self.eval_loaders = train_loader, eval_loaders
+        self.epochs, self.schedule, self.run_dir = epochs, schedule, Path(run_dir)
+        self.amp, self.channels_last, self.stop_after = amp, channels_last, stop_after
+        self.select_on = select_on or ("val" if "val" in eval_loaders else
+                                       next(iter(eval_loaders), None))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=schedule.lr,
+                                         momentum=momentum, dampening=dampening,
+                                         weight_decay=weight_decay, nesterov=nesterov)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.extra = dict(checkpoint_extra or {})
+        self.summary_extra = dict(summary_extra or {})
+        # One host sync per step is free on CPU; on a GPU it would stall the launch queue.
+        self.sync_every = sync_every or (1 if self.device.type == "cpu" else 25)
+        self.progress = EpochProgress(sys.stdout.isatty() if progress is None else progress, log)
+        self.log = log
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimiser steps taken
+        self.step_in_epoch = 0  # batches of epoch ``self.epoch`` already trained on
+        self.partial = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0, "seconds": 0.0}
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ distributed seams
+    def _is_main(self) -> bool:
+        return True
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Every file a run writes goes through here (rank 0 only, once distributed)."""
+        return fn(*args) if self._is_main() else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, **self.extra,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"type": "multistep", "lr": self.schedule.lr,
+                          "milestones": list(self.schedule.milestones),
+                          "gamma": self.schedule.gamma},
+            "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
+            "partial": dict(self.partial), "epochs": self.epochs,
+            "metrics": self.history, "best": self.best, "rng": ckpt.capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`state_dict` (RNG states included)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.partial = dict(state.get("partial") or self.partial)
+        self.history, self.best = list(state.get("metrics", [])), state.get("best")
+        ckpt.restore_rng_state(state["rng"])
+
+    def _save(self, name: str) -> Path:
+        return self._write(ckpt.save_checkpoint, self.state_dict(), self.run_dir / name)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> FitResult:
+        """Train from ``self.epoch`` to ``epochs``; returns how it ended and the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(self.run_dir)
+        previous = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            self._restore_signal_handlers(previous)
+
+    def _fit(self) -> FitResult:
+        while self.epoch < self.epochs:
+            epoch = self.epoch
+            lr = self.schedule.lr_at(epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if not self._train_epoch(epoch, lr):
+                return self._interrupted()
+            row = self._end_epoch(epoch, lr)
+            self.log(self.progress.epoch_line(row, self.epochs))
+            if self.stop_signal is not None:
+                return self._interrupted()
+            if self.stop_after is not None and self.epoch >= self.stop_after < self.epochs:
+                self.log(f"stopped after epoch {self.epoch} of {self.epochs} (--stop-after); "
+                         f"continue with: densenets train --resume {self.run_dir}")
+                return FitResult("stopped", 0, self.summary())
+        summary = self.summary()
+        self._write(write_json, summary, self.run_dir / "summary.json")
+        return FitResult("completed", 0, summary)
+
+    def _train_epoch(self, epoch: int, lr: float) -> bool:
+        """One pass over the training batches; False when a signal asked us to stop."""
+        self.net.train()
+        loader = self.train_loader
+        start, t0 = self.step_in_epoch, time.perf_counter()
+        sums = torch.tensor([self.partial["loss_sum"], self.partial["correct"],
+                             self.partial["n"]], dtype=torch.float64, device=self.device)
+        pending: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet checked
+        n0 = self.partial["n"]
+        self.progress.start(epoch, self.epochs, len(loader), start)
+        for b, (x, y) in enumerate(loader.batches(epoch, start), start):
+            if len(y):
+                loss, correct = self._train_step(x, y)
+                pending.append((b, loss))
+                sums += torch.stack([loss.double() * len(y), correct.double(),
+                                     torch.tensor(float(len(y)), dtype=torch.float64,
+                                                  device=self.device)])
+                self.step += 1
+            self.step_in_epoch = b + 1
+            last = b + 1 == len(loader)
+            if pending and (len(pending) >= self.sync_every or last or self.stop_signal):
+                self._check_finite(pending, epoch)
+                pending.clear()
+                loss_sum, hits, n = sums.tolist()
+                self.progress.update(b + 1, loss_sum / max(n, 1), 100 * (1 - hits / max(n, 1)),
+                                     (n - n0) / max(time.perf_counter() - t0, 1e-9))
+            if self.stop_signal is not None and not last:
+                break
+        self._set_partial(sums, t0)
+        self.progress.stop()
+        return self.step_in_epoch == len(loader)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp):
+            logits = self.net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _check_finite(self, pending: list[tuple[int, torch.Tensor]], epoch: int) -> None:
+        values = torch.stack([loss for _, loss in pending]).tolist()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                self.progress.stop()
+                last = self.run_dir / "last.pt"
+                good = str(last) if last.exists() else "none (no epoch finished yet)"
+                raise TrainingDiverged(
+                    f"loss is {v} at step {self.step - len(values) + i + 1} (epoch {epoch + 1}, "
+                    f"batch {pending[i][0] + 1} of {len(self.train_loader)}); stopped without "
+                    f"saving. Last good checkpoint: {good}. Lower --lr, or use --amp bf16 "
+                    "instead of fp16")
+
+    def _set_partial(self, sums: torch.Tensor, t0: float) -> None:
+        s = sums.tolist()
+        self.partial = {"loss_sum": s[0], "correct": s[1], "n": s[2],
+                        "seconds": self.partial["seconds"] + time.perf_counter() - t0}
+
+    def _end_epoch(self, epoch: int, lr: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        p = self.partial
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
+                               "train_loss": p["loss_sum"] / max(p["n"], 1),
+                               "train_top1_err": 100 * (1 - p["correct"] / max(p["n"], 1))}
+        for split, loader in self.eval_loaders.items():
+            m = evaluate(self.net, loader, self.device, amp=self.amp,
+                         channels_last=self.channels_last, reduce=self._reduce)
+            row.update({f"{split}_loss": m["loss"], f"{split}_top1_err": m["top1_err"],
+                        f"{split}_top5_err": m["top5_err"]})
+        row["seconds"] = p["seconds"] + time.perf_counter() - t0
+        row["images_per_s"] = p["n"] / max(p["seconds"], 1e-9)
+        self.history.append(row)
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        self.partial = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0, "seconds": 0.0}
+        key = f"{self.select_on}_top1_err"
+        improved = key in row and (self.best is None or row[key] < self.best["top1_err"])
+        if improved:
+            self.best = {"epoch": epoch + 1, "split": self.select_on, "top1_err": row[key]}
+        self._write(write_metrics, self.history, self.run_dir / "metrics.csv")
+        self._write(write_curves, self.history, self.run_dir / "curves.png")
+        self._save("last.pt")
+        if improved or not (self.run_dir / "best.pt").exists():
+            self._save("best.pt")
+        return row
+
+    def _interrupted(self) -> FitResult:
+        self._save("last.pt")
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+        where = f"epoch {self.epoch + 1}, batch {self.step_in_epoch}" if self.step_in_epoch \
+            else f"the end of epoch {self.epoch}"
+        self.log(f"{name}: saved {self.run_dir / 'last.pt'} at {where} (step {self.step}); "
+                 f"continue with: densenets train --resume {self.run_dir}")
+        return FitResult("interrupted", EXIT_SIGNAL.get(self.stop_signal, 130), self.summary())
+
+    def summary(self) -> dict[str, Any]:
+        """Epochs, time, the last epoch's metrics and those of the best epoch."""
+        h = self.history
+        seconds = sum(r["seconds"] for r in h)
+        at_best = next((r for r in h if self.best and r["epoch"] == self.best["epoch"]), None)
+        return {**self.summary_extra, "epochs_completed": self.epoch, "epochs": self.epochs,
+                "steps": self.step, "seconds": seconds,
+                "images_per_s": sum(r["images_per_s"] for r in h) / len(h) if h else None,
+                "final": h[-1] if h else None, "best": self.best, "at_best": at_best}
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in EXIT_SIGNAL:
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:  # a second signal: stop now, without saving
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
+              "(send again to abort without saving)", file=sys.stderr, flush=True)

@@ -210,7 +210,7 @@ def _metrics_section(summary_json: Mapping, rows: list[dict[str, Any]], model_na
     body = _table(["", "value", "source"], lines, "compare")
     finals = [[k, v] for k, v in _kv_table(summary_json) if not isinstance(v, list | dict)]
     if finals:
-        body += "<h3>summary.json</h3>" + _table(["field", "value"], finals)
+        body += "<h3>summary.json</h3>" + _columns(finals, 3)
     elif rows:
         body += "<h3>last epoch</h3>" + _table(["field", "value"], list(map(list,
                                                                           rows[-1].items())))

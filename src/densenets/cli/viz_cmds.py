@@ -61,27 +61,30 @@ def _is_file_spec(spec: str) -> bool:
     return Path(spec).suffix.lower() in WEIGHT_SUFFIXES or Path(spec).is_file()
 
 
-def _load_weights(path: Path) -> dict:
-    """A state_dict from a training checkpoint, a bare state_dict, or a safetensors file."""
+def _load_weights(path: Path) -> tuple[dict, str]:
+    """A state_dict from a training checkpoint, a bare state_dict, or a safetensors file, and a
+    name for it (the checkpoint's model name and the file)."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        sd, name = load_file(str(path)), path.name
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"cannot load {path} as weights ({first})") from None
+        name = path.name
         if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            name = f"{sd.get('model_name') or 'DenseNet'} ({path})"
             sd = sd["model"]
         elif isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds no state_dict (found {type(sd).__name__})")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}, name
 
 
 def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
@@ -97,7 +100,7 @@ def cmd_reuse(args: argparse.Namespace) -> int:
 
     out = _output_path(args.output, (".png", ".svg"))
     if _is_file_spec(args.model):
-        state, name = _load_weights(Path(args.model)), Path(args.model).name
+        state, name = _load_weights(Path(args.model))
     else:
         name, model = model_from_args(args)
         state = model.state_dict()

@@ -129,11 +129,14 @@ def test_report_verb_and_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
     assert "no best.pt or last.pt" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no run directory" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "r.pdf")]) == 2
+    assert "must end in .html" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "best.pt").write_bytes(b"\x00garbage")
     assert main(["report", str(tmp_path / "bad")]) == 2
-    assert "not a loadable checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "best.pt is not a PyTorch checkpoint" in err and err.count("\n") == 1
 
 
 def chromium() -> str:

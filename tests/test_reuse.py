@@ -181,6 +181,9 @@ def test_reuse_verb_on_checkpoint_state_dict_and_zoo(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(to_json(feature_reuse(model))))
     assert all((tmp_path / f"a.{ext}").is_file() for ext in ("png", "json", "csv"))
+    # A run directory stands for its best.pt.
+    assert main(["reuse", str(tmp_path), "-o", str(tmp_path / "d" / "r.png")]) == 0
+    assert json.loads((tmp_path / "d" / "r.json").read_text()) == printed
 
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}  # as DataParallel saves it
     torch.save(sd, tmp_path / "sd.pth")
@@ -192,9 +195,9 @@ def test_reuse_verb_on_checkpoint_state_dict_and_zoo(tmp_path, capsys):
 
 def test_reuse_verb_errors_are_one_line(tmp_path, capsys):
     assert main(["reuse", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "r.png")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "no such weights file" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["reuse", str(tmp_path / "junk.pt"), "-o", str(tmp_path / "r.png")]) == 2
     err = capsys.readouterr().err
-    assert "cannot load" in err and err.count("\n") == 1
+    assert "junk.pt is not a PyTorch checkpoint" in err and err.count("\n") == 1
     assert main(["reuse", "densenet121", "-o", str(tmp_path / "r.pdf")]) == 2

@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import paper
 from .inspect import human, summary
 from .model import DenseNet
@@ -28,35 +26,6 @@ SECTIONS = ("configuration", "curves", "metrics", "summary", "architecture", "re
 # Recipe name -> the column of the paper's Table 2 it reproduces.
 RECIPE_DATASETS = {"cifar10": "C10", "cifar10+": "C10+", "cifar100": "C100",
                    "cifar100+": "C100+", "svhn": "SVHN"}
-
-CHECKPOINT_FORMAT = "densenets.checkpoint"
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint of the shared contract, loaded without unpickling objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which and why, in one line
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a densenets training checkpoint (expected a dict with "
-                         "'model' and 'model_config'); pass a zoo name or a run's best.pt")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: Mapping) -> DenseNet:
-    """Rebuild the DenseNet a checkpoint describes and load its weights (eval mode)."""
-    cfg = dict(ckpt["model_config"])
-    cfg["memory_efficient"] = False
-    model = DenseNet(**cfg)
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    return model.eval()
-
 
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
@@ -235,6 +204,7 @@ def build_report(run_dir: str | Path) -> str:
     """The HTML page for the run in ``run_dir`` (config.json, metrics.csv, best.pt or last.pt,
     optionally curves.png and summary.json)."""
     from . import diagram, reuse
+    from .weights import load
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -246,10 +216,10 @@ def build_report(run_dir: str | Path) -> str:
     config = _read_json(run / "config.json")
     summary_json = _read_json(run / "summary.json")
     rows = read_metrics(run / "metrics.csv")
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
-    meta = ckpt.get("meta") or {}
-    model_name = ckpt.get("model_name") or config.get("model")
+    # The shared loader: any DenseNet weights file, never unpickling objects.
+    model = load(ckpt_path, memory_efficient=False).eval()
+    meta = model.weights_meta
+    model_name = meta.get("model_name") or config.get("model")
     recipe = meta.get("recipe") or config.get("recipe")
     crop = (meta.get("preprocessing") or {}).get("crop")
     input_size = (model.config.in_channels, crop, crop) if crop else \

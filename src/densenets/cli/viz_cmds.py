@@ -7,8 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from .inspect_cmds import add_model_overrides, model_from_args
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -58,33 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _is_file_spec(spec: str) -> bool:
-    return Path(spec).suffix.lower() in WEIGHT_SUFFIXES or Path(spec).is_file()
-
-
-def _load_weights(path: Path) -> tuple[dict, str]:
-    """A state_dict from a training checkpoint, a bare state_dict, or a safetensors file, and a
-    name for it (the checkpoint's model name and the file)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd, name = load_file(str(path)), path.name
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot load {path} as weights ({first})") from None
-        name = path.name
-        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-            name = f"{sd.get('model_name') or 'DenseNet'} ({path})"
-            sd = sd["model"]
-        elif isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds no state_dict (found {type(sd).__name__})")
-    return {k.removeprefix("module."): v for k, v in sd.items()}, name
+    """A weights file or a run directory, as opposed to a zoo name."""
+    return Path(spec).suffix.lower() in WEIGHT_SUFFIXES or Path(spec).exists()
 
 
 def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
@@ -100,7 +73,12 @@ def cmd_reuse(args: argparse.Namespace) -> int:
 
     out = _output_path(args.output, (".png", ".svg"))
     if _is_file_spec(args.model):
-        state, name = _load_weights(Path(args.model))
+        from ..weights import read_checkpoint
+
+        # Any DenseNet weights: our checkpoints, torchvision's (current or legacy keys), timm's,
+        # DataParallel prefixes, safetensors; the matrix needs only the state dict.
+        ckpt = read_checkpoint(args.model)
+        state, name = ckpt.state_dict, f"{ckpt.model_name or 'DenseNet'} ({args.model})"
     else:
         name, model = model_from_args(args)
         state = model.state_dict()
@@ -120,14 +98,15 @@ def cmd_reuse(args: argparse.Namespace) -> int:
 
 def cmd_diagram(args: argparse.Namespace) -> int:
     from ..diagram import diagram
-    from ..report import load_checkpoint, model_from_checkpoint
+    from ..weights import load
 
     out = _output_path(args.output, (".svg", ".png"))
     input_size = tuple(args.input_size) if args.input_size else None
     if _is_file_spec(args.model):
-        ckpt = load_checkpoint(args.model)
-        model, name = model_from_checkpoint(ckpt), ckpt.get("model_name") or args.model
-        crop = ((ckpt.get("meta") or {}).get("preprocessing") or {}).get("crop")
+        model = load(args.model)
+        meta = model.weights_meta
+        name = meta.get("model_name") or args.model
+        crop = (meta.get("preprocessing") or {}).get("crop")
         if input_size is None and crop:
             input_size = (model.config.in_channels, crop, crop)
     else:

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the input channels each source produced. Writes the heatmap to -o and the "
                     "matrix beside it as .json and .csv.")
     p.add_argument("model", metavar="CHECKPOINT_OR_MODEL",
-                   help="a checkpoint (.pt/.pth/.safetensors) or a zoo name (random weights)")
+                   help="a weights file (.pt/.pth/.safetensors: ours, torchvision's, timm's), a "
+                        "run directory (its best.pt), or a zoo name (random weights)")
     add_model_overrides(p)
     p.add_argument("-o", "--output", default="reuse.png", help="image file, .png or .svg "
                    "(default reuse.png); the matrix goes to the same name with .json and .csv")
@@ -35,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The network (stem, blocks, transitions, head with channels and spatial "
                     "sizes) and one dense block wired as in the paper's Figure 1, drawn from "
                     "the model itself.")
-    p.add_argument("model", metavar="MODEL", help="a zoo name, a variant with --depth, or a "
-                   "training checkpoint (.pt)")
+    p.add_argument("model", metavar="MODEL", help="a zoo name, a variant with --depth, a "
+                   "weights file or a run directory")
     add_model_overrides(p)
     p.add_argument("-o", "--output", default="model.svg", help=".svg or .png (default model.svg)")
     p.add_argument("--block", type=int, default=1, help="which dense block to draw (default 1)")

@@ -114,6 +114,10 @@ class DenseBlock(nn.Module):
             from .efficient import efficient_block_forward
 
             return efficient_block_forward(self, x)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The direct forward: concatenate every earlier map before each layer."""
         features = [x]
         for layer in self.layers:
             features.append(layer(torch.cat(features, 1)))

@@ -1,0 +1,229 @@
+/* Fused CPU kernels of the memory-efficient dense block (see efficient_ops.py).
+ *
+ * Every matrix is row-major [M, c] with a leading dimension (row stride) ld >= c: one row per
+ * pixel, one column per channel. On CPU these passes are memory bound, so each kernel reads and
+ * writes every element once where PyTorch would chain three to six elementwise operations.
+ * Column sums run in the element type over blocks of ROWS rows, then in double per thread, and
+ * the threads' sums are added in thread order (deterministic).
+ * cpu_kernels.py compiles this file with -ffp-contract=off, so that the ReLU mask recomputed in
+ * backward is bit-identical to the one forward used. The file includes itself twice to define
+ * every kernel for float (suffix _f32) and double (_f64).
+ */
+#ifndef REAL
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef int64_t i64;
+enum { ROWS = 64 };
+
+/* Per-thread column accumulators: `width` doubles per thread, summed in thread order. */
+static double *partials_new(int nt, i64 width) {
+    return (double *)calloc((size_t)nt * (size_t)width, sizeof(double));
+}
+
+static void partials_sum(const double *p, int nt, i64 width, double *out) {
+    for (i64 j = 0; j < width; j++) out[j] = 0.0;
+    for (int t = 0; t < nt; t++)
+        for (i64 j = 0; j < width; j++) out[j] += p[(i64)t * width + j];
+}
+
+#define REAL float
+#define SUF(name) name##_f32
+#include "_efficient_kernels.c"
+#undef REAL
+#undef SUF
+#define REAL double
+#define SUF(name) name##_f64
+#include "_efficient_kernels.c"
+
+#else /* the kernels, for one REAL type */
+#define T REAL
+
+/* out = relu(x * g + b): a layer's BN affine and ReLU applied to normalised channels. */
+void SUF(bn_relu)(i64 M, i64 c, const T *restrict x, i64 ldx, const T *restrict g,
+                  const T *restrict b, T *restrict out, i64 ldo, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 m = 0; m < M; m++) {
+        const T *restrict xr = x + m * ldx;
+        T *restrict orow = out + m * ldo;
+        for (i64 j = 0; j < c; j++) {
+            T y = xr[j] * g[j] + b[j];
+            orow[j] = y <= 0 ? (T)0 : y;
+        }
+    }
+}
+
+/* Backward of a = relu(x * g + b) for one reader of the prefix: dy = da where the recomputed
+ * pre-activation is positive; dgamma = sum(dy * x), dbeta = sum(dy); G = (G +) g * dy. */
+void SUF(bn_relu_backward)(i64 M, i64 c, const T *restrict da, i64 ldd, const T *restrict x,
+                           i64 ldx, const T *restrict g, const T *restrict b, T *restrict G,
+                           i64 ldg, int accumulate, T *dgamma, T *dbeta, int nt) {
+    double *part = partials_new(nt, 2 * c);
+#pragma omp parallel num_threads(nt)
+    {
+        double *sg = part + (i64)omp_get_thread_num() * 2 * c, *sb = sg + c;
+        T *restrict bg = (T *)calloc(2 * c, sizeof(T)), *restrict bb = bg + c;
+        i64 rows = 0;
+#pragma omp for schedule(static)
+        for (i64 m = 0; m < M; m++) {
+            const T *restrict dr = da + m * ldd, *restrict xr = x + m * ldx;
+            T *restrict gr = G + m * ldg;
+            if (accumulate) {
+                for (i64 j = 0; j < c; j++) {
+                    T y = xr[j] * g[j] + b[j];
+                    T dy = y <= 0 ? (T)0 : dr[j];
+                    bb[j] += dy;
+                    bg[j] += dy * xr[j];
+                    gr[j] += g[j] * dy;
+                }
+            } else {
+                for (i64 j = 0; j < c; j++) {
+                    T y = xr[j] * g[j] + b[j];
+                    T dy = y <= 0 ? (T)0 : dr[j];
+                    bb[j] += dy;
+                    bg[j] += dy * xr[j];
+                    gr[j] = g[j] * dy;
+                }
+            }
+            if (++rows == ROWS) {
+                for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; bg[j] = bb[j] = 0; }
+                rows = 0;
+            }
+        }
+        for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; }
+        free(bg);
+    }
+    double *tot = (double *)malloc(2 * c * sizeof(double));
+    partials_sum(part, nt, 2 * c, tot);
+    for (i64 j = 0; j < c; j++) { dgamma[j] = (T)tot[j]; dbeta[j] = (T)tot[c + j]; }
+    free(tot);
+    free(part);
+}
+
+/* Column sums of src (or of (src - shift)^2 when shift is given) into out[k], in double. */
+static void SUF(col_sums)(i64 M, i64 k, const T *restrict src, i64 lds,
+                          const T *restrict shift, double *out, int nt) {
+    double *part = partials_new(nt, k);
+#pragma omp parallel num_threads(nt)
+    {
+        double *s = part + (i64)omp_get_thread_num() * k;
+        T *restrict blk = (T *)calloc(k, sizeof(T));
+        i64 rows = 0;
+#pragma omp for schedule(static)
+        for (i64 m = 0; m < M; m++) {
+            const T *restrict r = src + m * lds;
+            if (shift) {
+                for (i64 j = 0; j < k; j++) { T d = r[j] - shift[j]; blk[j] += d * d; }
+            } else {
+                for (i64 j = 0; j < k; j++) blk[j] += r[j];
+            }
+            if (++rows == ROWS) {
+                for (i64 j = 0; j < k; j++) { s[j] += blk[j]; blk[j] = 0; }
+                rows = 0;
+            }
+        }
+        for (i64 j = 0; j < k; j++) s[j] += blk[j];
+        free(blk);
+    }
+    partials_sum(part, nt, k, out);
+    free(part);
+}
+
+/* Batch statistics of k channels: dst = (src - mean) * invstd with the biased variance
+ * (two-pass); dst may be src. */
+void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, double eps,
+                        T *mean_out, T *var_out, T *invstd_out, int nt) {
+    double *acc = (double *)malloc(k * sizeof(double));
+    SUF(col_sums)(M, k, src, lds, NULL, acc, nt);
+    for (i64 j = 0; j < k; j++) mean_out[j] = (T)(acc[j] / (double)M);
+    SUF(col_sums)(M, k, src, lds, mean_out, acc, nt);
+    for (i64 j = 0; j < k; j++) {
+        double v = acc[j] / (double)M;
+        var_out[j] = (T)v;
+        invstd_out[j] = (T)(1.0 / sqrt(v + eps));
+    }
+    free(acc);
+    const T *restrict mean = mean_out, *restrict inv = invstd_out;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 m = 0; m < M; m++) {
+        const T *r = src + m * lds;
+        T *o = dst + m * ldd;
+        for (i64 j = 0; j < k; j++) o[j] = (r[j] - mean[j]) * inv[j];
+    }
+}
+
+/* Backward of relu(z * g + b) followed by the batch normalisation that produced z, with z
+ * stored normalised: dh (in) becomes dL/dz_raw (out, in place),
+ * g * invstd * (dy - mean(dy) - z * mean(dy * z)); dy is recomputed in both passes. */
+void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T *g,
+                      const T *b, const T *invstd, T *dgamma, T *dbeta, int nt) {
+    double *part = partials_new(nt, 2 * c);
+#pragma omp parallel num_threads(nt)
+    {
+        double *sg = part + (i64)omp_get_thread_num() * 2 * c, *sb = sg + c;
+        T *restrict bg = (T *)calloc(2 * c, sizeof(T)), *restrict bb = bg + c;
+        i64 rows = 0;
+#pragma omp for schedule(static)
+        for (i64 m = 0; m < M; m++) {
+            const T *restrict hr = dh + m * ldh, *restrict zr = z + m * ldz;
+            for (i64 j = 0; j < c; j++) {
+                T y = zr[j] * g[j] + b[j];
+                T dy = y <= 0 ? (T)0 : hr[j];
+                bb[j] += dy;
+                bg[j] += dy * zr[j];
+            }
+            if (++rows == ROWS) {
+                for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; bg[j] = bb[j] = 0; }
+                rows = 0;
+            }
+        }
+        for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; }
+        free(bg);
+    }
+    double *tot = (double *)malloc(2 * c * sizeof(double));
+    partials_sum(part, nt, 2 * c, tot);
+    T *coef = (T *)malloc(3 * c * sizeof(T)), *mg = coef + c, *mb = mg + c;
+    for (i64 j = 0; j < c; j++) {
+        dgamma[j] = (T)tot[j];
+        dbeta[j] = (T)tot[c + j];
+        mg[j] = (T)(tot[j] / (double)M);
+        mb[j] = (T)(tot[c + j] / (double)M);
+        coef[j] = g[j] * invstd[j];
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 m = 0; m < M; m++) {
+        T *restrict hr = dh + m * ldh;
+        const T *restrict zr = z + m * ldz;
+        for (i64 j = 0; j < c; j++) {
+            T y = zr[j] * g[j] + b[j];
+            T dy = y <= 0 ? (T)0 : hr[j];
+            hr[j] = coef[j] * (dy - mb[j] - zr[j] * mg[j]);
+        }
+    }
+    free(coef);
+    free(tot);
+    free(part);
+}
+
+/* dL/dx of a channel group from its direct gradient and the summed BN backward of all its
+ * readers: out = go + invstd * (G - P / M - x * Q / M). */
+void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
+                        const T *invstd, const T *P, const T *Q, const T *go, i64 ldgo, T *out,
+                        i64 ldo, int nt) {
+    T *coef = (T *)malloc(2 * k * sizeof(T)), *pm = coef + k;
+    for (i64 j = 0; j < k; j++) { pm[j] = P[j] / (T)M; coef[j] = Q[j] / (T)M; }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 m = 0; m < M; m++) {
+        const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;
+        const T *restrict dr = go + m * ldgo;
+        T *restrict o = out + m * ldo;
+        for (i64 j = 0; j < k; j++)
+            o[j] = dr[j] + invstd[j] * (gr[j] - pm[j] - xr[j] * coef[j]);
+    }
+    free(coef);
+}
+#undef T
+#endif

@@ -1,0 +1,172 @@
+"""Fused CPU kernels for the memory-efficient dense block, compiled on first use.
+
+On CPU the block's elementwise passes are bound by memory bandwidth; the C kernels in
+``_efficient_kernels.c`` do in one pass what takes PyTorch three to six. They are built with
+the system C compiler into a per-user cache the first time a float32/float64 CPU block trains,
+and loaded with ctypes (no PyTorch headers, about a second to build). Without a compiler, or
+with ``DENSENETS_NATIVE=0``, :mod:`densenets.efficient_ops` uses PyTorch operations instead:
+same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("_efficient_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+_SIGNATURES = {
+    "bn_relu": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _int],
+    "bn_relu_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _int,
+                         _ptr, _ptr, _int],
+    "col_normalise": [_i64, _i64, _ptr, _i64, _ptr, _i64, _dbl, _ptr, _ptr, _ptr, _int],
+    "bn_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "bn_input_grad": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
+                      _i64, _int],
+}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DENSENETS_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root or Path.home() / ".cache") / "densenets"
+
+
+def _build_key(compiler: str) -> str:
+    """Source, flags, compiler and CPU: -march=native code must not move to another CPU."""
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join([compiler, *_FLAGS, platform.machine()]).encode())
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+        h.update(next((ln for ln in cpu.splitlines() if ln.startswith("flags")), "").encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def _build() -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    target = _cache_dir() / f"efficient_kernels_{_build_key(compiler)}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        detail = getattr(e, "stderr", b"") or b""
+        warnings.warn("densenets: could not build the fused CPU kernels, using PyTorch "
+                      f"operations instead ({e}; {detail.decode(errors='replace')[:300]})",
+                      stacklevel=3)
+        return None
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot be built or is switched off."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("DENSENETS_NATIVE", "1") == "0":
+        return None
+    path = _build()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        warnings.warn(f"densenets: could not load the fused CPU kernels ({e})", stacklevel=2)
+        return None
+    for name, args in _SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = args, None
+    _lib = lib
+    return _lib
+
+
+def usable(t: torch.Tensor) -> bool:
+    """True when the fused kernels can run on tensors like ``t`` (CPU, float32 or float64)."""
+    return t.device.type == "cpu" and t.dtype in _SUFFIX and library() is not None
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{_SUFFIX[dtype]}")
+
+
+def _mat(t: torch.Tensor) -> tuple[int, int]:
+    """(pointer, leading dimension) of a row-major matrix view with unit column stride."""
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
+        raise ValueError(f"expected a row-major matrix view, got strides {t.stride()}")
+    return t.data_ptr(), t.stride(0)
+
+
+def _vec(t: torch.Tensor) -> int:
+    assert t.is_contiguous()
+    return t.data_ptr()
+
+
+def bn_relu(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = relu(x * g + b)."""
+    m, c = x.shape
+    _fn("bn_relu", x.dtype)(m, c, *_mat(x), _vec(g), _vec(b), *_mat(out),
+                            torch.get_num_threads())
+    return out
+
+
+def bn_relu_backward(da, x, g, b, g_sum, accumulate: bool):
+    """(dgamma, dbeta) of relu(x * g + b) given da; g_sum (+)= g * dy."""
+    m, c = x.shape
+    dgamma, dbeta = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
+    _fn("bn_relu_backward", x.dtype)(m, c, *_mat(da), *_mat(x), _vec(g), _vec(b),
+                                     *_mat(g_sum), int(accumulate), _vec(dgamma), _vec(dbeta),
+                                     torch.get_num_threads())
+    return dgamma, dbeta
+
+
+def col_normalise(src: torch.Tensor, dst: torch.Tensor, eps: float):
+    """dst = (src - mean) * invstd per column; returns (mean, biased var, invstd)."""
+    m, k = src.shape
+    stats = [torch.empty(k, dtype=src.dtype) for _ in range(3)]
+    _fn("col_normalise", src.dtype)(m, k, *_mat(src), *_mat(dst), float(eps),
+                                    *(_vec(s) for s in stats), torch.get_num_threads())
+    return tuple(stats)
+
+
+def bn_backward(dh: torch.Tensor, z: torch.Tensor, g, b, invstd):
+    """In place: dh becomes dL/dz of relu(z * g + b) with z normalised; returns (dgamma, dbeta)."""
+    m, c = z.shape
+    dgamma, dbeta = torch.empty(c, dtype=z.dtype), torch.empty(c, dtype=z.dtype)
+    _fn("bn_backward", z.dtype)(m, c, *_mat(dh), *_mat(z), _vec(g), _vec(b), _vec(invstd),
+                                _vec(dgamma), _vec(dbeta), torch.get_num_threads())
+    return dgamma, dbeta
+
+
+def bn_input_grad(g_sum, x, invstd, p_sum, q_sum, grad_direct, out):
+    """out = grad_direct + invstd * (G - P / M - x * Q / M)."""
+    m, k = x.shape
+    _fn("bn_input_grad", x.dtype)(m, k, *_mat(g_sum), *_mat(x), _vec(invstd), _vec(p_sum),
+                                  _vec(q_sum), *_mat(grad_direct), *_mat(out),
+                                  torch.get_num_threads())
+    return out

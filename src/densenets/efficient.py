@@ -1,0 +1,150 @@
+"""Memory-efficient dense blocks: linear memory in depth, and faster than the direct version.
+
+A direct dense block concatenates all earlier maps before every layer and keeps each
+concatenation and its BN output for backward, so activation memory grows with the square of
+the depth. Here (see :mod:`densenets.efficient_ops` for the arithmetic):
+
+- one buffer per block holds all of its channels; layer l writes its k new channels into its
+  slice and reads the prefix as a view, so nothing is concatenated or copied twice;
+- every channel's batch mean and variance are computed once, when it is produced, and shared by
+  all the layers that read it (exact in training mode: they all normalise the same data);
+- the prefix's BN-ReLU is recomputed in backward instead of stored: only O(L) tensors are kept;
+- running statistics are updated once per step, with the plain model's values.
+
+Only training-mode forwards with gradients come here; eval mode runs the plain path, so eval
+outputs of the two modes are identical. Parameters, buffers and state_dict are the plain
+model's: a checkpoint moves freely between the modes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import cpu_kernels
+from .efficient_block import BlockSpec, EfficientDenseBlock
+from .efficient_ops import clear_workspaces
+
+__all__ = ["backend", "clear_workspaces", "efficient_block_forward", "unsupported_reason"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def unsupported_reason(block: nn.Module) -> str | None:
+    """Why ``block`` must run the plain path in training mode, or None if the efficient one works.
+
+    The shared statistics need plain BatchNorm2d layers in training mode with one eps per
+    position, and the fused layout needs the paper's convolutions (1x1 and 3x3/pad 1, stride 1,
+    no bias, no groups).
+    """
+    layers = block.layers
+    norms1 = [layer.norm1 for layer in layers]
+    norms2 = [layer.norm2 for layer in layers if layer.bottleneck]
+    for bn in norms1 + norms2:
+        if type(bn) is not nn.BatchNorm2d or not bn.affine:
+            return f"{type(bn).__name__} (affine={bn.affine}) is not a plain affine BatchNorm2d"
+        if not bn.training:
+            return "a BatchNorm layer is in eval mode (frozen statistics) inside a training block"
+    for group in (norms1, norms2):
+        if len({bn.eps for bn in group}) > 1:
+            return "the BatchNorm layers of one block use different eps"
+    for layer in layers:
+        convs = [(layer.conv1, 1 if layer.bottleneck else 3)]
+        if layer.bottleneck:
+            convs.append((layer.conv2, 3))
+        for conv, size in convs:
+            if (type(conv) is not nn.Conv2d or conv.bias is not None or conv.groups != 1
+                    or conv.kernel_size != (size, size) or conv.stride != (1, 1)
+                    or conv.dilation != (1, 1) or conv.padding != (size // 2, size // 2)
+                    or conv.padding_mode != "zeros"):
+                return f"a convolution differs from the paper's {size}x{size} layout: {conv}"
+    return None
+
+
+def _compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of activations and convolutions, dtype of statistics and gradient sums)."""
+    device = x.device.type
+    cdt = x.dtype
+    if torch.is_autocast_enabled(device):
+        cdt = torch.get_autocast_dtype(device)
+    acc = torch.float32 if cdt in _LOW_PRECISION else cdt
+    return cdt, acc
+
+
+def _params(block: nn.Module) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for layer in block.layers:
+        out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+        if layer.bottleneck:
+            out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+    return out
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+                          count: int) -> None:
+    """What BatchNorm2d does in training mode: once per step, unbiased variance, momentum or
+    (momentum=None) the cumulative average."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    bn.num_batches_tracked.add_(1)
+    f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
+    unbiased = var * (count / (count - 1))
+    bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
+
+
+def backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """Which implementation of the block's elementwise passes trains on ``device``/``dtype``:
+    "native" (fused C kernels, CPU float32/float64) or "torch" (PyTorch operations)."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return "native" if cpu_kernels.usable(probe) else "torch"
+
+
+@torch.compiler.disable
+def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode forward of a :class:`~densenets.model.DenseBlock` through the shared
+    buffer; same outputs, gradients and running statistics as the plain forward.
+
+    Falls back to the plain forward (with a one-time warning) for blocks the fused path does
+    not cover; :func:`unsupported_reason` says why.
+    """
+    reason = unsupported_reason(block)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"memory_efficient: running the plain dense block because {reason}",
+                          stacklevel=2)
+        return block.plain_forward(x)
+    layers = block.layers
+    cdt, acc = _compute_dtypes(x)
+    params = _params(block)
+    bottleneck = layers[0].bottleneck
+    spec = BlockSpec(
+        in_channels=x.shape[1],
+        growth_rate=block.growth_rate,
+        num_layers=len(layers),
+        bottleneck=bottleneck,
+        inter_channels=layers[0].conv1.out_channels if bottleneck else 0,
+        drop_rates=[layer.drop_rate if layer.training else 0.0 for layer in layers],
+        eps1=layers[0].norm1.eps,
+        eps2=layers[0].norm2.eps if bottleneck else 0.0,
+        compute_dtype=cdt,
+        acc_dtype=acc,
+        channels_last_input=x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous(),
+        native=backend(x.device, cdt) == "native" and all(p.dtype == cdt for p in params),
+    )
+    with torch.autocast(x.device.type, enabled=False):
+        out = EfficientDenseBlock.apply(spec, x.to(cdt), *params)
+    stats, count = spec.stats, spec.stats["count"]
+    for i, layer in enumerate(layers):
+        c = spec.in_channels + i * spec.growth_rate
+        _update_running_stats(layer.norm1, stats["mean"][:c], stats["var"][:c], count)
+        if bottleneck:
+            _update_running_stats(layer.norm2, stats["mean2"][i], stats["var2"][i], count)
+    spec.stats = {}
+    return out

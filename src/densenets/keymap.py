@@ -11,6 +11,7 @@ does not build, and are refused by name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Mapping
@@ -166,6 +167,56 @@ def key_diff(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
     conflicts = [(k, tuple(own[k].shape), tuple(sd[k].shape)) for k in own
                  if k in sd and own[k].shape != sd[k].shape]
     return missing, unexpected, conflicts
+
+
+def _compact(keys: list[str]) -> list[str]:
+    """Keys as modules, whole dense layers as runs: 'features.denseblock3.denselayer25-32'."""
+    out: list[str] = []
+    run: list = []  # [prefix, first, last]
+    for mod in dict.fromkeys(k.rsplit(".", 1)[0] for k in keys):
+        m = re.match(r"(.*\.denselayer)(\d+)\.", mod + ".")
+        if m and run and run[0] == m.group(1) and int(m.group(2)) in (run[2], run[2] + 1):
+            run[2] = int(m.group(2))
+            continue
+        if run:
+            out.append(f"{run[0]}{run[1]}" + (f"-{run[2]}" if run[2] != run[1] else ""))
+            run = []
+        if m:
+            run = [m.group(1), int(m.group(2)), int(m.group(2))]
+        else:
+            out.append(mod)
+    if run:
+        out.append(f"{run[0]}{run[1]}" + (f"-{run[2]}" if run[2] != run[1] else ""))
+    return out
+
+
+def format_diff(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], missing: list[str],
+                unexpected: list[str], conflicts: list[tuple[str, tuple, tuple]]) -> str:
+    """The readable report of a failed load: what is missing, unexpected, or shaped wrong,
+    and what architecture the checkpoint seems to hold."""
+    def some(items: list[str]) -> str:
+        more = f", ... and {len(items) - 6} more" if len(items) > 6 else ""
+        return ", ".join(items[:6]) + more
+
+    lines = [f"the checkpoint does not fit {describe_config(config)}: "
+             f"{len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(conflicts)} shape conflicts; nothing was loaded"]
+    if missing:
+        lines.append(f"  missing (in the model, not the checkpoint): {some(_compact(missing))}")
+    if unexpected:
+        lines.append(f"  unexpected (in the checkpoint, not the model): "
+                     f"{some(_compact(unexpected))}")
+    first = {}  # one line per module: its first conflicting tensor
+    for k, mine, theirs in conflicts:
+        first.setdefault(k.rsplit(".", 1)[0], (k, mine, theirs))
+    for k, mine, theirs in list(first.values())[:6]:
+        lines.append(f"  shape conflict {k}: model {list(mine)}, checkpoint {list(theirs)}")
+    if len(first) > 6:
+        lines.append(f"  ... and {len(first) - 6} more modules with shape conflicts")
+    with contextlib.suppress(ValueError):  # too damaged to read an architecture off
+        lines.append(f"  the checkpoint looks like {describe_config(infer_config(sd))}; "
+                     "build that model, or use densenets.load(path), which reads it")
+    return "\n".join(lines)
 
 
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:

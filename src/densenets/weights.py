@@ -8,12 +8,12 @@ listing missing and unexpected keys and shape conflicts.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +21,20 @@ from typing import Any
 
 import torch
 
-from .keymap import adapt_input_conv, describe_config, infer_config, key_diff, remap_state_dict
+from .keymap import (
+    adapt_input_conv,
+    describe_config,
+    format_diff,
+    infer_config,
+    key_diff,
+    remap_state_dict,
+)
 from .model import DenseNet
-from .zoo import IMAGENET, model_config
+from .zoo import model_config
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CHECKPOINT_FORMAT = "densenets.checkpoint"
-_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ def complete_meta(config: dict[str, Any], meta: dict[str, Any] | None = None) ->
     """Complete ``meta`` with defaults; drop class names that no longer fit the classifier."""
     out: dict[str, Any] = {"class_names": None, "preprocessing": default_preprocessing(config)}
     out.update({k: v for k, v in (meta or {}).items() if v is not None})
+    # A partial preprocessing entry keeps the defaults for the fields it leaves out.
+    out["preprocessing"] = {**default_preprocessing(config), **out["preprocessing"]}
     names = out.get("class_names")
     if names is not None and len(names) != config["num_classes"]:
         out["class_names"] = None
@@ -136,6 +144,8 @@ def download_weights(name: str, progress: bool = True) -> Path:
     dst = Path(torch.hub.get_dir()) / "checkpoints" / entry.filename
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"Downloading {entry.url} to {dst}", file=sys.stderr)
         try:
             torch.hub.download_url_to_file(entry.url, str(dst), hash_prefix=entry.sha256,
                                            progress=progress)
@@ -143,7 +153,7 @@ def download_weights(name: str, progress: bool = True) -> Path:
             raise WeightsNotAvailableError(
                 f"could not download the {name} ImageNet weights from {entry.url} ({e}). "
                 f"Without internet, download that file on another machine and pass "
-                f"weights=PATH (or copy it to {dst})"
+                f"weights=PATH (--weights PATH on the command line), or copy it to {dst}"
             ) from e
         except RuntimeError as e:
             if "hash" not in str(e):
@@ -277,41 +287,22 @@ def load_into(model: DenseNet, state_dict: dict[str, torch.Tensor]) -> list[str]
         sd[cw], sd["classifier.bias"] = own[cw], own["classifier.bias"]
     missing, unexpected, conflicts = key_diff(own, sd)
     if missing or unexpected or conflicts:
-        raise KeyMismatchError(_format_diff(model, sd, missing, unexpected, conflicts))
+        raise KeyMismatchError(format_diff(model.config.to_dict(), sd, missing, unexpected,
+                                           conflicts))
     for k in own:
         sd.setdefault(k, own[k])  # num_batches_tracked, absent from old checkpoints
     model.load_state_dict(sd, strict=True)
     return notes
 
 
-def _format_diff(model: DenseNet, sd: dict, missing: list[str], unexpected: list[str],
-                 conflicts: list[tuple[str, tuple, tuple]]) -> str:
-    def some(keys: list[str]) -> str:
-        # One entry per module (norm1, not its four tensors) keeps a deep diff readable.
-        mods = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys))
-        more = f", ... and {len(mods) - 6} more modules" if len(mods) > 6 else ""
-        return ", ".join(mods[:6]) + more
-
-    lines = [f"the checkpoint does not fit {describe_config(model.config.to_dict())}: "
-             f"{len(missing)} missing, {len(unexpected)} unexpected, "
-             f"{len(conflicts)} shape conflicts; nothing was loaded"]
-    if missing:
-        lines.append(f"  missing (in the model, not the checkpoint): {some(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected (in the checkpoint, not the model): {some(unexpected)}")
-    for k, mine, theirs in conflicts[:6]:
-        lines.append(f"  shape conflict {k}: model {list(mine)}, checkpoint {list(theirs)}")
-    if len(conflicts) > 6:
-        lines.append(f"  ... and {len(conflicts) - 6} more shape conflicts")
-    with contextlib.suppress(ValueError):  # too damaged to read an architecture off
-        lines.append(f"  the checkpoint looks like {describe_config(infer_config(sd))}; "
-                     "build that model, or use densenets.load(path), which reads it")
-    return "\n".join(lines)
-
-
 def _warn(notes: list[str]) -> None:
+    """Warn at the caller's line, the first frame outside this package."""
+    level, frame = 1, sys._getframe(0)
+    package = os.path.dirname(os.path.abspath(__file__))
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=3)
+        warnings.warn(note, UserWarning, stacklevel=level)
 
 
 def _build(config: dict[str, Any], ckpt: Checkpoint, overrides: dict[str, Any]) -> DenseNet:
@@ -415,7 +406,7 @@ def save(model: DenseNet, path: str | os.PathLike, meta: dict[str, Any] | None =
     return p
 
 
-__all__ = ["IMAGENET", "PRETRAINED", "Checkpoint", "KeyMismatchError", "PretrainedWeights",
+__all__ = ["PRETRAINED", "Checkpoint", "KeyMismatchError", "PretrainedWeights",
            "WeightsNotAvailableError", "default_preprocessing", "download_weights",
            "imagenet_class_names", "imagenet_preprocessing", "load", "load_into",
            "pretrained_model", "read_checkpoint", "save"]

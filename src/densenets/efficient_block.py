@@ -122,9 +122,10 @@ class EfficientDenseBlock(torch.autograd.Function):
         spec.stats = {"mean": mean, "var": var, "count": m,
                       "mean2": [s[0] for s in stats2], "var2": [s[1] for s in stats2]}
         ctx.spec, ctx.shape = spec, (n, c0, h, w)
-        ctx.xhat, ctx.xhat2, ctx.invstd, ctx.noises = xhat, xhat2, invstd, noises
-        ctx.invstd2 = [s[2] for s in stats2]
-        ctx.save_for_backward(*params)
+        ctx.counts = (len(params), len(stats2), len(noises))
+        # saved through autograd, which frees them after backward (unless retain_graph)
+        ctx.save_for_backward(*params, xhat, invstd, *([xhat2] if b else []),
+                              *(st[2] for st in stats2), *noises)
         result = nchw(out, n, h, w)
         return result if spec.channels_last_input else result.contiguous()
 
@@ -132,11 +133,15 @@ class EfficientDenseBlock(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         spec: BlockSpec = ctx.spec
-        params = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        n_params, n_stats2, _ = ctx.counts
+        params, (xhat, invstd) = saved[:n_params], saved[n_params:n_params + 2]
+        rest = saved[n_params + 2:]
+        xhat2, rest = (rest[0], rest[1:]) if spec.inter_channels else (None, rest)
+        invstd2, noises = rest[:n_stats2], rest[n_stats2:]
         n, c0, h, w = ctx.shape
         m, c_out, k, b = n * h * w, spec.out_channels, spec.growth_rate, spec.inter_channels
         cdt, acc, dev, native = spec.compute_dtype, spec.acc_dtype, grad_out.device, spec.native
-        xhat, invstd, noises = ctx.xhat, ctx.invstd, list(ctx.noises)
         grad_out = nhwc(grad_out.to(cdt))
         if native and grad_out.stride(1) != 1:
             grad_out = grad_out.contiguous()
@@ -162,11 +167,11 @@ class EfficientDenseBlock(torch.autograd.Function):
             d_new = nchw(d_new.to(cdt).contiguous(), n, h, w)
             if b:
                 g2, b2, w2 = rest
-                z = ctx.xhat2[i]
+                z = xhat2[i]
                 hidden = bn_relu(z, g2, b2, workspace("b", (m, b), cdt, dev), native)
                 d_hidden, dw2 = conv_grads(d_new, nchw(hidden, n, h, w), w2.to(cdt), 1)
                 d_hidden = nhwc(d_hidden)
-                dz, dg2, db2 = bn_backward(d_hidden, z, hidden, g2, b2, ctx.invstd2[i], acc,
+                dz, dg2, db2 = bn_backward(d_hidden, z, hidden, g2, b2, invstd2[i], acc,
                                            native)
                 if p > 0:
                     dz = dz * noises.pop()
@@ -193,7 +198,6 @@ class EfficientDenseBlock(torch.autograd.Function):
         dx = nchw(dx.to(cdt), n, h, w)
         if not spec.channels_last_input:
             dx = dx.contiguous()
-        ctx.xhat = ctx.xhat2 = ctx.noises = None
         return (None, dx, *grads)
 
 

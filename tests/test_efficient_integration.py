@@ -1,0 +1,150 @@
+"""Memory-efficient blocks with the rest of PyTorch: linear saved memory, AMP, torch.compile,
+DDP, fallbacks, and the kernel build."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densenets import DenseNet, cpu_kernels
+from densenets import efficient as eff
+from densenets.model import DenseBlock
+
+
+def small(**kw) -> DenseNet:
+    torch.manual_seed(0)
+    cfg = dict(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5,
+               stem="cifar")
+    cfg.update(kw)
+    return DenseNet(**cfg)
+
+
+def saved_bytes(block: DenseBlock, x: torch.Tensor) -> int:
+    """Bytes of activations autograd keeps for backward (parameters excluded), by storage."""
+    params = {p.data_ptr() for p in block.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x.requires_grad_(True))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_saved_memory_is_linear_in_depth(bottleneck):
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    for efficient in (True, False):
+        sizes = []
+        for layers in (2, 4, 6):
+            block = DenseBlock(layers, 8, 4, bottleneck=bottleneck, memory_efficient=efficient)
+            sizes.append(saved_bytes(block.train(), x.clone()))
+        second_difference = sizes[2] - 2 * sizes[1] + sizes[0]
+        if efficient:
+            assert second_difference == 0, sizes  # exactly linear: O(L) tensors
+        else:
+            assert second_difference > 0, sizes  # the plain block keeps every concatenation
+
+
+def test_bf16_autocast_as_accurate_as_plain_bf16():
+    """Under bf16 autocast the efficient model is as close to float32 as the plain one is."""
+    reference = small()
+    x = torch.randn(8, 3, 8, 8)
+    reference(x).square().mean().backward()
+    ref_grad = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    ref_out = reference(x).detach()
+    errors = {}
+    for efficient in (False, True):
+        model = copy.deepcopy(reference).set_memory_efficient(efficient)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        errors[efficient] = (float((y.detach().float() - ref_out).norm() / ref_out.norm()),
+                             float((grad - ref_grad).norm() / ref_grad.norm()))
+    for plain_err, eff_err in zip(errors[False], errors[True], strict=True):
+        assert eff_err < 2 * plain_err + 0.01, errors
+
+
+def test_torch_compile_trains_like_eager():
+    eager = small().set_memory_efficient(True)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="eager")
+    x = torch.randn(3, 3, 8, 8)
+    ya, yb = eager(x), compiled(x)
+    assert torch.allclose(ya, yb, atol=1e-6)
+    ya.sum().backward()
+    yb.sum().backward()
+    for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_ddp_gradients_match_single_process(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        plain = small()
+        efficient = copy.deepcopy(plain).set_memory_efficient(True)
+        ddp = nn.parallel.DistributedDataParallel(efficient)
+        x = torch.randn(3, 3, 8, 8)
+        F.cross_entropy(plain(x), torch.tensor([0, 1, 2])).backward()
+        F.cross_entropy(ddp(x), torch.tensor([0, 1, 2])).backward()
+        for a, b in zip(plain.parameters(), efficient.parameters(), strict=True):
+            assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frozen_batchnorm_falls_back_to_plain_path():
+    plain = small()
+    efficient = copy.deepcopy(plain).set_memory_efficient(True)
+    for model in (plain, efficient):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # fine-tuning with frozen statistics
+    x = torch.randn(3, 3, 8, 8)
+    eff._warned.clear()
+    with pytest.warns(UserWarning, match="eval mode"):
+        y = efficient(x)
+    assert torch.allclose(plain(x), y, atol=1e-6)
+
+
+def test_unsupported_reason_names_the_problem():
+    block = DenseBlock(2, 4, 2).train()
+    assert eff.unsupported_reason(block) is None
+    block.denselayer1.norm1 = nn.SyncBatchNorm(4)
+    assert "SyncBatchNorm" in eff.unsupported_reason(block)
+
+
+def test_kernel_build_failure_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("DENSENETS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="could not build"):
+        assert cpu_kernels._build() is None
+    assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+
+
+def test_native_switch_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setenv("DENSENETS_NATIVE", "0")
+    assert eff.backend() == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = small(memory_efficient=True)(torch.randn(2, 3, 8, 8))
+    y.sum().backward()

@@ -65,7 +65,8 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu", *,
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = model(x)
-        logits = logits.float()
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         if crops:
             logits = logits.view(len(y), crops, -1).mean(1)
         c1, c5 = topk_correct(logits, y)

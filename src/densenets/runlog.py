@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +69,8 @@ class EpochProgress:
     """A progress bar per epoch on a terminal (loss, error, images/s, ETA); silent otherwise,
     where the trainer prints one line per epoch instead."""
 
-    def __init__(self, live: bool, log: Callable[[str], None] = print) -> None:
-        self.live, self.log = live, log
+    def __init__(self, live: bool) -> None:
+        self.live = live
         self._bar = None
         self._task = None
 

@@ -55,6 +55,10 @@ class FitResult:
     summary: dict[str, Any]
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # logs are read live (CI, tail -f): no buffering
+
+
 def wrap_model(model: nn.Module, compile: bool = False) -> nn.Module:
     """The module the steps run through: the one place for torch.compile (and, later, DDP)."""
     return torch.compile(model) if compile else model
@@ -77,7 +81,7 @@ class Trainer:
                  select_on: str | None = None, stop_after: int | None = None,
                  checkpoint_extra: dict[str, Any] | None = None,
                  summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
-                 progress: bool | None = None, log: Callable[[str], None] = print) -> None:
+                 progress: bool | None = None, log: Callable[[str], None] | None = None) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         if channels_last:
@@ -96,8 +100,8 @@ class Trainer:
         self.summary_extra = dict(summary_extra or {})
         # One host sync per step is free on CPU; on a GPU it would stall the launch queue.
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else 25)
-        self.progress = EpochProgress(sys.stdout.isatty() if progress is None else progress, log)
-        self.log = log
+        self.progress = EpochProgress(sys.stdout.isatty() if progress is None else progress)
+        self.log = log or _print
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.step_in_epoch = 0  # batches of epoch ``self.epoch`` already trained on
@@ -216,7 +220,9 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
             logits = self.net(x)
-        loss = F.cross_entropy(logits.float(), y)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss in full precision under autocast
+        loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -30,7 +30,8 @@ from .inspect_cmds import add_model_overrides, model_from_args
 ARCH_FLAGS = ("depth", "growth_rate", "compression", "block_config", "num_init_features",
               "num_classes", "in_channels", "stem")
 # Flags that may change when a run is resumed; everything else is the stored configuration.
-RESUMABLE = ("epochs", "device", "workers", "data_dir", "download", "stop_after", "strict")
+RESUMABLE = ("epochs", "device", "workers", "data_dir", "download", "stop_after", "strict",
+             "threads")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="deterministic algorithms (slower on GPU)")
     g = p.add_argument_group("speed")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--threads", type=int, help="CPU threads (digits: 1; others: torch's default)")
     g.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision")
     g.add_argument("--channels-last", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -101,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
     """The recipe with every flag the user gave applied (and the checkpoint to resume)."""
     names = ("model", "epochs", "batch_size", "lr", "val_split", "image_size", "data_dir",
              "download", "strict", "workers", "out", "stop_after", "seed", "deterministic",
+             "threads",
              "device", "amp", "channels_last", "compile", "memory_efficient", "drop_rate")
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
@@ -131,6 +134,7 @@ def _resume_config(run_dir: str, given: dict[str, Any],
         # A longer (or shorter) run keeps the recipe's schedule shape over its new length.
         rescaled = resolve(cfg.recipe, epochs=given["epochs"])
         cfg.milestones = rescaled.milestones
+    cfg.stop_after = None  # a stop applies to the invocation that asked for it
     for k, v in given.items():
         setattr(cfg, k, v)
     cfg.out = str(run_dir)
@@ -195,9 +199,19 @@ def prepare_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the calling process as it was
+
+
+def _train(args: argparse.Namespace) -> int:
     cfg, state = config_from_args(args)
     resuming = state is not None
     device = pick_device(cfg.device)
+    if cfg.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
     data = build_data(cfg, device)
     if state:

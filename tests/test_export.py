@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from densenets import create_model, save
 from densenets.cli import main
 from densenets.export import export, read_metadata, run_exported, within_tolerance
+
+# the [onnx] extra; the rest of the library works without it
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(autouse=True, scope="module")

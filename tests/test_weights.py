@@ -10,10 +10,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from densenets import DenseNet, KeyMismatchError, create_model, load, save
+from densenets import (
+    DenseNet,
+    DenseNetConfig,
+    KeyMismatchError,
+    create_model,
+    list_models,
+    load,
+    save,
+)
 from densenets.cli import main
-from densenets.keymap import infer_config, remap_state_dict, to_legacy_keys
+from densenets.keymap import describe_config, infer_config, remap_state_dict, to_legacy_keys
 from densenets.weights import load_into, read_checkpoint
+from densenets.zoo import model_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -163,18 +172,18 @@ def test_config_is_read_off_tensor_shapes():
         assert DenseNet(**inferred).config == src.config
 
 
-def test_bare_imagenet_state_dict_gets_imagenet_names():
-    model = load_from_dict(create_model("densenet121").state_dict())
-    assert model.weights_meta["model_name"] == "densenet121"
-    assert model.weights_meta["class_names"][0] == "tench"
+def test_bare_imagenet_state_dict_gets_imagenet_names(tmp_path):
+    path = tmp_path / "densenet121-download.pth"
+    torch.save(create_model("densenet121").state_dict(), path)
+    for model in (load(path), create_model("densenet121", weights=path)):
+        assert model.weights_meta["model_name"] == "densenet121"
+        assert model.weights_meta["class_names"][0] == "tench"
+        assert model.weights_meta["preprocessing"]["resize"] == 256
 
 
-def load_from_dict(sd: dict) -> DenseNet:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(sd, Path(d) / "x.pth")
-        return load(Path(d) / "x.pth")
+@pytest.mark.parametrize("name", list_models() + ["densenet-b-16-k4", "densenet-c-13-k5"])
+def test_every_zoo_architecture_is_recognised_by_name(name):
+    assert describe_config({**DenseNetConfig().to_dict(), **model_config(name)}) == name
 
 
 class Payload:

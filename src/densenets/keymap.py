@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .layers import compressed_channels
+from .model import DenseNetConfig
 from .zoo import IMAGENET, VARIANTS, model_config
 
 _LEGACY = re.compile(
@@ -131,16 +132,14 @@ def _compression(transitions: list[tuple[int, ...]]) -> float:
 
 def describe_config(cfg: Mapping[str, Any]) -> str:
     """The zoo name of an architecture, or a compact description when it has none."""
-    arch = {k: cfg.get(k) for k in _ARCH}
+    defaults = DenseNetConfig().to_dict()  # zoo entries list only what differs from these
+    arch = {k: cfg.get(k, defaults[k]) for k in _ARCH}
     arch["block_config"] = tuple(arch["block_config"] or ())
 
     def same(name: str) -> bool:
-        ref = model_config(name)
-        ref.setdefault("bottleneck", True)
-        ref.setdefault("bn_size", 4)
-        ref.setdefault("compression", 0.5)
-        ref.setdefault("stem", "imagenet")
-        return all(ref[k] == arch[k] for k in _ARCH)
+        ref = {**defaults, **model_config(name)}
+        return all(ref[k] == arch[k] or (k == "block_config" and tuple(ref[k]) == arch[k])
+                   for k in _ARCH)
 
     for name in IMAGENET:
         if same(name):

@@ -325,8 +325,8 @@ def _build(config: dict[str, Any], ckpt: Checkpoint, overrides: dict[str, Any]) 
 def _imagenet_meta_if_fits(ckpt: Checkpoint, config: dict[str, Any]) -> None:
     """A bare 1000-class ImageNet-architecture state dict gets ImageNet's names and transform."""
     name = describe_config(config)
-    if not ckpt.meta and name in PRETRAINED and config["num_classes"] == 1000 \
-            and config["in_channels"] == 3:
+    if not ckpt.meta and name in PRETRAINED and config.get("num_classes", 1000) == 1000 \
+            and config.get("in_channels", 3) == 3:
         ckpt.meta = {k: v for k, v in PRETRAINED[name].meta().items() if k != "source"}
         ckpt.model_name = name
 

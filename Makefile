@@ -21,6 +21,7 @@ install dev: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/densenets train
+	$(BIN)/densenets eval runs/latest
 	$(BIN)/densenets summary densenet121
 	$(BIN)/densenets paper
 

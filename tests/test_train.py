@@ -150,3 +150,19 @@ def test_nan_exits_1_from_the_cli(tmp_path, capsys):
                  "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 1 and "loss is" in err and "at step" in err and "Lower --lr" in err
+
+
+def test_any_module_with_a_plain_dataloader(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train, test = load_digits_data()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=32, shuffle=True)
+    t = Trainer(mlp, loader, {"test": [(test.images, test.labels)]}, epochs=3,
+                schedule=Schedule(0.1, [2]), run_dir=tmp_path, progress=False,
+                log=lambda s: None)
+    s = t.fit().summary
+    assert s["steps"] == 3 * len(loader) and s["final"]["test_top1_err"] < 30.0
+    assert t.history[-1]["train_loss"] < t.history[0]["train_loss"]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3

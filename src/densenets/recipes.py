@@ -9,6 +9,7 @@ overrides and returns a :class:`TrainConfig`, the plain-data record a run writes
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -67,15 +68,16 @@ def _cifar(name: str, dataset: str, augment: bool, mean, std, error: str) -> Rec
 RECIPES: dict[str, Recipe] = {
     # The embedded default: 1,797 real 8x8 digits that ship with scikit-learn. No dropout: at 15
     # epochs it costs accuracy (99.7% -> 95.6% measured), and the paper's rule is for CIFAR/SVHN.
+    # 20 epochs, not 15: seeds 0/1/2 measured 98.9/99.7/99.4% at 15 and 99.2% each at 20.
     "digits": Recipe(
-        name="digits", dataset="digits", augment=False, model="densenet-bc-40-k12", epochs=15,
+        name="digits", dataset="digits", augment=False, model="densenet-bc-40-k12", epochs=20,
         batch_size=64, milestones=(0.5, 0.75), drop_rate=0.0, crop=8,
         mean=(0.3054,), std=(0.3761,),  # of the training split, pixels scaled to [0, 1]
         # Ops on 8x8 maps are too small to split across cores; with other processes on the
         # 2-core machine, two threads ran an epoch in 5-50 s against 1.4 s for one.
         threads=1,
-        paper_error="none (not in the paper); expect ~0.5% test error",
-        description="scikit-learn digits, 8x8 grayscale, stratified 80/20 split, 15 epochs",
+        paper_error="none (not in the paper); expect about 1% test error or less",
+        description="scikit-learn digits, 8x8 grayscale, stratified 80/20 split, 20 epochs",
     ),
     "cifar10": _cifar("cifar10", "cifar10", False, CIFAR10_MEAN, CIFAR10_STD,
                       "5.92% (DenseNet-BC L=100 k=12)"),
@@ -120,7 +122,8 @@ def get_recipe(name: str) -> Recipe:
 
 def milestone_epochs(fractions: tuple[float, ...], epochs: int) -> list[int]:
     """Epochs (0-based, the first epoch run at the lower rate) where the lr is divided."""
-    return [int(round(f * epochs)) for f in fractions]
+    # Half rounds up; the first epoch always runs at the initial rate.
+    return [max(1, math.floor(f * epochs + 0.5)) for f in fractions]
 
 
 @dataclass

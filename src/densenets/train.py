@@ -64,6 +64,30 @@ def wrap_model(model: nn.Module, compile: bool = False) -> nn.Module:
     return torch.compile(model) if compile else model
 
 
+class _IterableLoader:
+    """Adapts a plain iterable of (x, y) batches with a length (e.g. a DataLoader): skipping
+    ``start`` batches on resume is exact only if its order is a function of the epoch."""
+
+    def __init__(self, iterable) -> None:
+        self.iterable = iterable
+        self.num_samples = len(getattr(iterable, "dataset", ())) or len(iterable)
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def batches(self, epoch: int, start: int = 0):
+        if hasattr(getattr(self.iterable, "sampler", None), "set_epoch"):
+            self.iterable.sampler.set_epoch(epoch)
+        for b, batch in enumerate(self.iterable):
+            if b >= start:
+                yield batch
+
+
+def as_loader(loader):
+    """Our loaders have ``batches(epoch, start)``; anything else iterable is adapted."""
+    return loader if hasattr(loader, "batches") else _IterableLoader(loader)
+
+
 class Trainer:
     """Train ``model`` on ``train_loader``; evaluate on ``eval_loaders`` after every epoch.
 
@@ -87,7 +111,8 @@ class Trainer:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net = wrap_model(self.model, compile)
-        self.train_loader, self.eval_loaders = train_loader, eval_loaders
+        self.train_loader = as_loader(train_loader)
+        self.eval_loaders = eval_loaders
         self.epochs, self.schedule, self.run_dir = epochs, schedule, Path(run_dir)
         self.amp, self.channels_last, self.stop_after = amp, channels_last, stop_after
         self.select_on = select_on or ("val" if "val" in eval_loaders else
@@ -173,7 +198,7 @@ class Trainer:
             self.log(self.progress.epoch_line(row, self.epochs))
             if self.stop_signal is not None:
                 return self._interrupted()
-            if self.stop_after is not None and self.epoch >= self.stop_after < self.epochs:
+            if self.stop_after is not None and self.stop_after <= self.epoch < self.epochs:
                 self.log(f"stopped after epoch {self.epoch} of {self.epochs} (--stop-after); "
                          f"continue with: densenets train --resume {self.run_dir}")
                 return FitResult("stopped", 0, self.summary())
@@ -185,14 +210,14 @@ class Trainer:
         """One pass over the training batches; False when a signal asked us to stop."""
         self.net.train()
         loader = self.train_loader
-        start, t0 = self.step_in_epoch, time.perf_counter()
-        sums = torch.tensor([self.partial["loss_sum"], self.partial["correct"],
-                             self.partial["n"]], dtype=torch.float64, device=self.device)
+        start, t0, n0 = self.step_in_epoch, time.perf_counter(), self.partial["n"]
+        sums = torch.tensor([self.partial["loss_sum"], self.partial["correct"], n0],
+                            dtype=torch.float64, device=self.device)
         pending: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet checked
-        n0 = self.partial["n"]
+        interrupted = False
         self.progress.start(epoch, self.epochs, len(loader), start)
         for b, (x, y) in enumerate(loader.batches(epoch, start), start):
-            if len(y):
+            if len(y):  # a batch of unreadable images only: skipped, but counted
                 loss, correct = self._train_step(x, y)
                 pending.append((b, loss))
                 sums += torch.stack([loss.double() * len(y), correct.double(),
@@ -208,10 +233,13 @@ class Trainer:
                 self.progress.update(b + 1, loss_sum / max(n, 1), 100 * (1 - hits / max(n, 1)),
                                      (n - n0) / max(time.perf_counter() - t0, 1e-9))
             if self.stop_signal is not None and not last:
+                interrupted = True
                 break
+        if pending:
+            self._check_finite(pending, epoch)
         self._set_partial(sums, t0)
         self.progress.stop()
-        return self.step_in_epoch == len(loader)
+        return not interrupted
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)

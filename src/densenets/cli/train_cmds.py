@@ -244,8 +244,7 @@ def _train(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{v.num_samples:,} {k}" for k, v in data.loaders.items())
     print(f"{'resuming' if state else 'training'} {name} ({params:,} parameters) on "
           f"{cfg.recipe}: {sizes} images; {cfg.epochs} epochs, batch {cfg.batch_size}, "
-          f"lr {cfg.lr:g} (/10 at epochs {', '.join(str(m + 1) for m in cfg.milestones)}), "
-          f"{device}; run directory {run_dir}", flush=True)
+          f"lr {cfg.lr:g}{_drops(cfg)}, {device}; run directory {run_dir}", flush=True)
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
@@ -254,6 +253,11 @@ def _train(args: argparse.Namespace) -> int:
     if result.status == "completed":
         print_summary(result.summary)
     return result.exit_code
+
+
+def _drops(cfg: TrainConfig) -> str:
+    drops = [str(m + 1) for m in cfg.milestones if 0 < m < cfg.epochs]
+    return f" (/10 from epochs {', '.join(drops)})" if drops else ""
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -148,3 +148,44 @@ def test_native_switch_off(monkeypatch):
         warnings.simplefilter("error")
         y = small(memory_efficient=True)(torch.randn(2, 3, 8, 8))
     y.sum().backward()
+
+
+def test_bench_verb_measures_one_configuration(capsys):
+    import json
+
+    from densenets.cli import main
+
+    rc = main(["bench", "densenet-bc-10-k4", "--batch-size", "2", "--input-size", "8",
+               "--steps", "1", "--warmup", "0", "--memory-efficient", "--channels-last",
+               "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["label"] == "densenets memory_efficient"
+    assert result["images_per_s"] > 0 and result["peak_mib"] > 0
+    assert result["config"]["channels_last"] and result["input_size"] == 8
+    assert main(["bench", "densenet-bc-10-k4", "--batch-size", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+
+
+def test_torchvision_twin_has_our_architecture():
+    from densenets import create_model
+    from densenets.bench import torchvision_densenet
+
+    for name in ("densenet-bc-16-k4", "densenet121"):
+        ours, theirs = create_model(name), torchvision_densenet(name)
+        assert sum(p.numel() for p in ours.parameters()) == \
+            sum(p.numel() for p in theirs.parameters())
+    with pytest.raises(ValueError, match="-BC form"):
+        torchvision_densenet("densenet-40-k12")
+
+
+def test_line_and_parabola_fit():
+    from densenets.bench import fit_line_and_parabola
+
+    depths = [40, 100, 160, 250]
+    line = fit_line_and_parabola(depths, [3 * d + 7 for d in depths])
+    assert line["slope"] == pytest.approx(3)
+    assert line["line"]["r2"] == pytest.approx(1)
+    curved = fit_line_and_parabola(depths, [d * d for d in depths])
+    assert curved["parabola"]["r2"] == pytest.approx(1)
+    assert curved["line"]["r2"] < 0.999

@@ -90,14 +90,15 @@ def conv_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding: in
 
 def dropout_noise(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device,
                   channels_last: bool) -> torch.Tensor:
-    """The scaled mask F.dropout draws (bernoulli, then divide by 1 - p) as an NHWC matrix.
+    """The scaled mask (0 or 1 / (1 - p)) that F.dropout applies, as an NHWC matrix.
 
-    The mask is drawn in the memory layout the plain model's tensor has, so both modes
-    consume the random generator identically and drop the same units.
+    F.dropout is called on ones laid out like the plain model's tensor, so both modes consume
+    the random generator identically (on CPU and on CUDA's fused kernel) and drop the same
+    units; multiplying by the result is then exactly what F.dropout computes.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    noise = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-    return nhwc(noise.bernoulli_(1 - p).div_(1 - p))
+    ones = torch.ones(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    return nhwc(F.dropout(ones, p, training=True))
 
 
 # --- passes ------------------------------------------------------------------------------------

@@ -178,6 +178,10 @@ def test_cifar_download_fetches_checks_and_extracts(tmp_path, monkeypatch):
     monkeypatch.setitem(data.CIFAR, "cifar10", entry)
     train, test = load_cifar(tmp_path / "dl", "cifar10", download=True)
     assert len(train) == 60 and len(test) == 30
+    hand = tmp_path / "hand"  # an archive copied in by hand is unpacked without --download
+    hand.mkdir()
+    (hand / archive.name).write_bytes(archive.read_bytes())
+    assert len(load_cifar(hand, "cifar10")[0]) == 60
     monkeypatch.setitem(data.CIFAR, "cifar10", dict(entry, md5="0" * 32))
     with pytest.raises(ValueError, match="wrong MD5"):
         load_cifar(tmp_path / "dl2", "cifar10", download=True)

@@ -76,7 +76,7 @@ def test_eval_on_a_fake_cifar_directory(tmp_path, capsys):
     assert main(["eval", str(run), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["recipe"], out["split"], out["images"]) == ("cifar10+", "test", 40)
-    assert out["top1_err"] == pytest.approx(summary["final"]["test_top1_err"], abs=1e-9)
+    assert out["top1_err"] == pytest.approx(summary["final"]["test_top1_err"], abs=1e-7)
     assert main(["eval", str(run), "--split", "val"]) == 2
     assert "no held-out validation set" in capsys.readouterr().err
     assert main(["eval", str(run), "--data-dir", str(tmp_path / "missing")]) == 2
@@ -99,6 +99,7 @@ def test_cifar_validation_hold_out_is_evaluated_each_epoch(tmp_path, capsys):
     assert main(["eval", str(run), "--split", "val", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["images"] == 30 and out["top1_err"] == pytest.approx(final["val_top1_err"])
+    assert out["checkpoint"] == str(run / "best.pt")  # chosen on validation, so reported
 
 
 def test_missing_cifar_without_download_names_files_and_directory(tmp_path, capsys):

@@ -82,8 +82,10 @@ def test_eval_verb_reproduces_the_runs_test_error(digits_run, capsys):
     out = json.loads(capsys.readouterr().out)
     summary = json.loads((digits_run / "summary.json").read_text())
     assert out["split"] == "test" and out["images"] == 360
-    assert out["top1_err"] == pytest.approx(summary["final"]["test_top1_err"], abs=1e-9)
+    assert out["top1_err"] == pytest.approx(summary["final"]["test_top1_err"], abs=1e-7)
     assert out["loss"] == pytest.approx(summary["final"]["test_loss"], rel=1e-5)
+    assert main(["eval", str(digits_run), "--json"]) == 0  # no validation split: last.pt
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(digits_run / "last.pt")
 
 
 def test_plain_output_is_one_line_per_epoch(tmp_path, capsys):

@@ -125,16 +125,21 @@ def load_cifar(root: str | os.PathLike, dataset: str,
     root = Path(root)
     folder = root / src["folder"]
     files = [*src["train"], *src["test"], src["meta"]]
-    if download and not all((folder / f).is_file() for f in files):
-        archive = root / src["archive"]
-        fetch(src["url"], archive, src["md5"])
-        extract(archive, root)
+    archive = root / src["archive"]
+    if not all((folder / f).is_file() for f in files):
+        if download and not archive.is_file():
+            fetch(src["url"], archive, src["md5"])
+        if archive.is_file():  # downloaded now, or placed there by hand
+            if md5sum(archive) != src["md5"]:
+                raise ValueError(f"{archive} is damaged or not the official archive (MD5 is "
+                                 f"not {src['md5']}); delete it and fetch it again")
+            extract(archive, root)
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{dataset} not found: expected {', '.join(missing)} in {folder} (the extracted "
-            f"{src['archive']} from {src['url']}); pass --download to fetch it, or "
-            "--data-dir pointing at the directory that contains " + src["folder"]
+            f"{dataset} not found: expected {', '.join(missing)} in {folder}, or the archive "
+            f"{archive} ({src['url']}); pass --download to fetch it, or --data-dir pointing "
+            f"at the directory that contains {src['folder']}"
         )
     names = [str(n) for n in _read_batch(folder / src["meta"])[src["names_key"]]]
 
@@ -192,7 +197,7 @@ def fetch(url: str, dest: Path, md5: str | None) -> Path:
         part.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise FileNotFoundError(f"could not download {url} ({reason}); without network access "
-                                f"place {dest.name} in {dest.parent} yourself") from e
+                                f"copy {dest.name} into {dest.parent} and run again") from e
     if md5 and md5sum(part) != md5:
         part.unlink()
         raise ValueError(f"{url} downloaded with the wrong MD5 (expected {md5}); try again")

@@ -78,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error and loss of a checkpoint",
-                       description="Evaluate a training checkpoint (or a run directory: its "
-                                   "best.pt) on the test or validation split of its recipe.")
+                       description="Evaluate a training checkpoint on the test or validation "
+                                   "split of its recipe. A run directory means its best.pt "
+                                   "when a validation split chose it, else its last.pt.")
     p.add_argument("checkpoint", help="a .pt checkpoint or a run directory")
     p.add_argument("--recipe", choices=list(RECIPES), help="dataset (default: the training one)")
     p.add_argument("--data-dir", help="dataset directory (default: the training one)")
@@ -243,7 +244,7 @@ def _train(args: argparse.Namespace) -> int:
         remove_stale_temporaries(run_dir)
     sizes = ", ".join(f"{v.num_samples:,} {k}" for k, v in data.loaders.items())
     print(f"{'resuming' if state else 'training'} {name} ({params:,} parameters) on "
-          f"{cfg.recipe}: {sizes} images; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+          f"{cfg.recipe}: {sizes} images; {_n(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, "
           f"lr {cfg.lr:g}{_drops(cfg)}, {device}; run directory {run_dir}", flush=True)
     try:
         result = trainer.fit()
@@ -255,6 +256,10 @@ def _train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _drops(cfg: TrainConfig) -> str:
     drops = [str(m + 1) for m in cfg.milestones if 0 < m < cfg.epochs]
     return f" (/10 from epochs {', '.join(drops)})" if drops else ""
@@ -263,7 +268,7 @@ def _drops(cfg: TrainConfig) -> str:
 def print_summary(s: dict[str, Any]) -> None:
     final = s["final"]
     splits = [k[: -len("_loss")] for k in final if k.endswith("_loss") and k != "train_loss"]
-    print(f"finished {s['epochs_completed']} epochs in {s['seconds']:.1f} s "
+    print(f"finished {_n(s['epochs_completed'], 'epoch')} in {s['seconds']:.1f} s "
           f"({s['images_per_s']:,.0f} training images/s on {s['device']})")
     for split in splits:
         err = final[f"{split}_top1_err"]
@@ -280,8 +285,21 @@ def print_summary(s: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- eval
 
 
+def checkpoint_of_run(path: str) -> tuple[Path, dict]:
+    """A run directory's model to report: best.pt when a validation split chose it, else
+    last.pt (a "best" epoch picked on the test set would flatter the test error)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p, load_checkpoint(p)
+    if (p / "best.pt").is_file():
+        best = load_checkpoint(p / "best.pt")
+        if (best.get("best") or {}).get("split") == "val" or not (p / "last.pt").is_file():
+            return p / "best.pt", best
+    return p / "last.pt", load_checkpoint(p / "last.pt")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    state = load_checkpoint(args.checkpoint)
+    path, state = checkpoint_of_run(args.checkpoint)
     if not state.get("model_config"):
         raise ValueError(f"{args.checkpoint} has no model_config, so the network cannot be "
                          "rebuilt; evaluate it from Python with densenets.evaluate")
@@ -311,16 +329,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the {recipe} {split} data has {data.num_classes} classes but the "
                          f"checkpoint's model predicts {model.config.num_classes}")
     m = evaluate(model.to(device), data.loaders[split], device, amp=args.amp)
-    out = {"checkpoint": str(args.checkpoint), "model": state.get("model_name"),
+    out = {"checkpoint": str(path), "model": state.get("model_name"),
            "epoch": state.get("epoch"), "recipe": recipe, "split": split,
-           "ten_crop": args.ten_crop, "images": m["n"], "loss": m["loss"],
-           "top1_err": m["top1_err"], "top5_err": m["top5_err"],
-           "top1_acc": 100 - m["top1_err"]}
+           "ten_crop": args.ten_crop, "images": m["n"], "loss": round(m["loss"], 8),
+           "top1_err": round(m["top1_err"], 8), "top5_err": round(m["top5_err"], 8),
+           "top1_acc": round(100 - m["top1_err"], 8)}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     crop = "10-crop" if args.ten_crop else "single crop"
-    print(f"{out['model']} (epoch {out['epoch']}) on {recipe} {split}, {m['n']:,} images, {crop}:")
+    print(f"{path}: {out['model']} after epoch {out['epoch']}, {recipe} {split} split, "
+          f"{m['n']:,} images, {crop}:")
     print(f"  top-1 error {m['top1_err']:.2f}% (accuracy {out['top1_acc']:.2f}%)  "
           f"top-5 error {m['top5_err']:.2f}%  loss {m['loss']:.4f}")
     return 0

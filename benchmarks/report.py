@@ -27,10 +27,11 @@ def _header(summary: dict) -> list[str]:
 def training_table(summary: dict) -> list[str]:
     gpu = summary["machine"] != "cpu" and not summary["machine"].startswith("cpu-")
     mem = "peak GiB (max allocated)" if gpu else "peak RSS MiB"
-    lines = ["| model | input | batch | precision | implementation | img/s | vs tv plain | "
+    lines = ["| model | input | batch | precision | implementation | img/s median | vs tv plain "
+             "| img/s best | vs tv plain | "
              f"{mem} | vs tv memory_efficient | vs tv plain |" + ("" if gpu else
                                                                   " training MiB |"),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("" if gpu else "---|")]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("" if gpu else "---|")]
     for entry in summary["train"]:
         cfg, res = entry["config"], entry["results"]
         prec = "bf16" + (" CL" if cfg["channels_last"] else "") if cfg["amp"] else \
@@ -40,7 +41,7 @@ def training_table(summary: dict) -> list[str]:
             size = r.get("input_size", "-")
             if "error" in r:
                 lines.append(f"| {cfg['model']} | {size} | {cfg['batch_size']} | {prec} | "
-                             f"{label} | failed: {r['error'][-80:]} |" + " - |" * 4
+                             f"{label} | failed: {r['error'][-80:]} |" + " - |" * 6
                              + ("" if gpu else " - |"))
                 continue
             peak = r["peak_mib"] / (1024 if gpu else 1)
@@ -48,7 +49,9 @@ def training_table(summary: dict) -> list[str]:
             name = label + (f" ({r['backend']})" if r.get("backend") else "")
             row = (f"| {cfg['model']} | {size} | {cfg['batch_size']} | {prec} | {name} | "
                    f"{r['images_per_s']:.1f} | {_ratio(r['images_per_s'], tv.get('images_per_s'))}"
-                   f" | {peak_s} | {_ratio(r['peak_mib'], tvme.get('peak_mib'))} | "
+                   f" | {r['best_images_per_s']:.1f} | "
+                   f"{_ratio(r['best_images_per_s'], tv.get('best_images_per_s'))} | {peak_s} | "
+                   f"{_ratio(r['peak_mib'], tvme.get('peak_mib'))} | "
                    f"{_ratio(r['peak_mib'], tv.get('peak_mib'))} |")
             if not gpu:
                 row += f" {r['peak_mib'] - r['memory_before_mib']:,.0f} |"

@@ -133,9 +133,11 @@ static void SUF(col_sums)(i64 M, i64 k, const T *restrict src, i64 lds,
 }
 
 /* Batch statistics of k channels: dst = (src - mean) * invstd with the biased variance
- * (two-pass); dst may be src. */
+ * (two-pass); dst may be src. The final pass can also write a copy of src (copy != NULL) and
+ * relu(dst * g + b) (relu_out != NULL), saving a pass over the data for each. */
 void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, double eps,
-                        T *mean_out, T *var_out, T *invstd_out, int nt) {
+                        T *mean_out, T *var_out, T *invstd_out, T *copy, i64 ldc,
+                        const T *g, const T *b, T *relu_out, i64 ldr, int nt) {
     double *acc = (double *)malloc(k * sizeof(double));
     SUF(col_sums)(M, k, src, lds, NULL, acc, nt);
     for (i64 j = 0; j < k; j++) mean_out[j] = (T)(acc[j] / (double)M);
@@ -151,7 +153,18 @@ void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, do
     for (i64 m = 0; m < M; m++) {
         const T *r = src + m * lds;
         T *o = dst + m * ldd;
+        if (copy) {
+            T *restrict cr = copy + m * ldc;
+            for (i64 j = 0; j < k; j++) cr[j] = r[j];
+        }
         for (i64 j = 0; j < k; j++) o[j] = (r[j] - mean[j]) * inv[j];
+        if (relu_out) {
+            T *restrict rr = relu_out + m * ldr;
+            for (i64 j = 0; j < k; j++) {
+                T y = o[j] * g[j] + b[j];
+                rr[j] = y <= 0 ? (T)0 : y;
+            }
+        }
     }
 }
 

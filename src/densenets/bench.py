@@ -155,6 +155,15 @@ def time_alternating(steps: dict[str, TrainStep], n: int, warmup: int) -> dict[s
     return times
 
 
+def step_stats(times: list[float], batch_size: int) -> dict:
+    """Median and best step: on a shared machine a step disturbed by other work can take ten
+    times longer, and the best of several alternating steps shows the undisturbed speed."""
+    median = statistics.median(times) if times else float("nan")
+    best = min(times) if times else float("nan")
+    return {"step_s": times, "median_step_s": median, "images_per_s": batch_size / median,
+            "best_step_s": best, "best_images_per_s": batch_size / best}
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this process so far: CUDA allocations, or resident set size on CPU."""
     if device.type == "cuda":
@@ -190,12 +199,11 @@ def run_single(cfg: BenchConfig) -> dict:
         step()
     warmup_s = time.perf_counter() - start
     times = [step() for _ in range(cfg.steps)]
-    median = statistics.median(times) if times else float("nan")
     peak = peak_memory_mib(step.device)
     return {
         "config": asdict(cfg), "label": cfg.label, "input_size": input_size(cfg),
-        "step_s": times, "median_step_s": median, "images_per_s": cfg.batch_size / median,
-        "warmup_s": warmup_s, "peak_mib": peak, "memory_before_mib": before,
+        **step_stats(times, cfg.batch_size), "warmup_s": warmup_s, "peak_mib": peak,
+        "memory_before_mib": before,
         "memory_kind": "cuda max_memory_allocated" if step.device.type == "cuda"
         else "peak RSS", "params": sum(p.numel() for p in step.model.parameters()),
         "backend": _backend(step.device, cfg), "environment": environment(step.device),

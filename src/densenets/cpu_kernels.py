@@ -33,7 +33,8 @@ _SIGNATURES = {
     "bn_relu": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _int],
     "bn_relu_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _int,
                          _ptr, _ptr, _int],
-    "col_normalise": [_i64, _i64, _ptr, _i64, _ptr, _i64, _dbl, _ptr, _ptr, _ptr, _int],
+    "col_normalise": [_i64, _i64, _ptr, _i64, _ptr, _i64, _dbl, _ptr, _ptr, _ptr, _ptr, _i64,
+                      _ptr, _ptr, _ptr, _i64, _int],
     "bn_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "bn_input_grad": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
                       _i64, _int],
@@ -145,12 +146,21 @@ def bn_relu_backward(da, x, g, b, g_sum, accumulate: bool):
     return dgamma, dbeta
 
 
-def col_normalise(src: torch.Tensor, dst: torch.Tensor, eps: float):
-    """dst = (src - mean) * invstd per column; returns (mean, biased var, invstd)."""
+def col_normalise(src: torch.Tensor, dst: torch.Tensor, eps: float,
+                  copy: torch.Tensor | None = None, relu: tuple | None = None):
+    """dst = (src - mean) * invstd per column; returns (mean, biased var, invstd). Also writes
+    ``copy`` = src and, with relu = (g, b, out), out = relu(dst * g + b) in the same pass."""
     m, k = src.shape
     stats = [torch.empty(k, dtype=src.dtype) for _ in range(3)]
+    copy_ptr, ldc = _mat(copy) if copy is not None else (None, 0)
+    if relu is not None:
+        g, b, out = relu
+        relu_args = (_vec(g), _vec(b), *_mat(out))
+    else:
+        relu_args = (None, None, None, 0)
     _fn("col_normalise", src.dtype)(m, k, *_mat(src), *_mat(dst), float(eps),
-                                    *(_vec(s) for s in stats), torch.get_num_threads())
+                                    *(_vec(s) for s in stats), copy_ptr, ldc, *relu_args,
+                                    torch.get_num_threads())
     return tuple(stats)
 
 

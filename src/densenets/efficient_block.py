@@ -106,8 +106,8 @@ class EfficientDenseBlock(torch.autograd.Function):
                     noises.append(dropout_noise((n, b, h, w), p, cdt, dev,
                                                 spec.channels_last_input))
                     z.mul_(noises[-1])
-                stats2.append(normalise(z, z, spec.eps2, acc, native))
-                hidden = bn_relu(z, g2, b2, workspace("b", (m, b), cdt, dev), native)
+                hidden = workspace("b", (m, b), cdt, dev)
+                stats2.append(normalise(z, z, spec.eps2, acc, native, relu=(g2, b2, hidden)))
                 new = conv(nchw(hidden, n, h, w), w2.to(cdt), 1)
             else:
                 a = bn_relu(xhat[:, :c], g1, b1, workspace("a", (m, c), cdt, dev), native)
@@ -116,9 +116,8 @@ class EfficientDenseBlock(torch.autograd.Function):
             if p > 0:
                 noises.append(dropout_noise((n, k, h, w), p, cdt, dev, spec.channels_last_input))
                 new = new * noises[-1]
-            out[:, c:c + k].copy_(new)
             mean[c:c + k], var[c:c + k], invstd[c:c + k] = normalise(
-                new, xhat[:, c:c + k], spec.eps1, acc, native)
+                new, xhat[:, c:c + k], spec.eps1, acc, native, copy=out[:, c:c + k])
         spec.stats = {"mean": mean, "var": var, "count": m,
                       "mean2": [s[0] for s in stats2], "var2": [s[1] for s in stats2]}
         ctx.spec, ctx.shape = spec, (n, c0, h, w)

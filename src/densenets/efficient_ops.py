@@ -102,17 +102,24 @@ def dropout_noise(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: 
 
 
 # --- passes ------------------------------------------------------------------------------------
-def normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, acc: torch.dtype, native: bool):
+def normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, acc: torch.dtype, native: bool,
+              copy: torch.Tensor | None = None, relu: tuple | None = None):
     """Write (src - mean) * invstd into ``dst`` (may be ``src``); return the biased batch
-    statistics (mean, var, invstd), each [c] in ``acc``."""
+    statistics (mean, var, invstd), each [c] in ``acc``. Optionally also copy ``src`` into
+    ``copy`` and, with relu = (gamma, beta, out), write out = relu(dst * gamma + beta): the
+    fused kernel does both in its last pass."""
     if native:
-        return cpu_kernels.col_normalise(src, dst, eps)
+        return cpu_kernels.col_normalise(src, dst, eps, copy, relu)
+    if copy is not None:
+        copy.copy_(src)
     m = src.shape[0]
     mean = colsum(src, acc) / m
     torch.sub(src, mean, out=dst)
     var = colsum(dst * dst, acc) / m
     invstd = torch.rsqrt(var + eps)
     dst.mul_(invstd)
+    if relu is not None:
+        bn_relu(dst, *relu, native=False)
     return mean, var, invstd
 
 

@@ -104,8 +104,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
     """The recipe with every flag the user gave applied (and the checkpoint to resume)."""
     names = ("model", "epochs", "batch_size", "lr", "val_split", "image_size", "data_dir",
              "download", "strict", "workers", "out", "stop_after", "seed", "deterministic",
-             "threads",
-             "device", "amp", "channels_last", "compile", "memory_efficient", "drop_rate")
+             "threads", "device", "amp", "channels_last", "compile", "memory_efficient",
+             "drop_rate")
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
     if arch:

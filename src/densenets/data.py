@@ -236,6 +236,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
 
 
+def rank_slice(n: int, rank: int, world_size: int) -> slice:
+    """Process ``rank``'s contiguous part of ``n`` items: sizes differ by at most one, the parts
+    of all processes cover each item exactly once (no padding, no repeats)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool,
                 g: torch.Generator | None = None) -> torch.Tensor:
     """The sample order of an epoch; the one place a distributed run would shard it."""
@@ -263,9 +271,25 @@ class TensorLoader:
         self.mean = _channel_vector(mean, c, device)
         self.std = _channel_vector(std, c, device)
         self.scale = 1 / 255 if self.images.dtype == torch.uint8 else 1.0
+        self.rank, self.world_size, self.keep_tail = 0, 1, True
+
+    def shard(self, rank: int, world_size: int, keep_tail: bool = True) -> TensorLoader:
+        """Yield only process ``rank``'s part of every global batch of ``batch_size``.
+
+        The global batches (and their augmentation) are those of a single process, so a job
+        of any size trains on the same data. Without ``keep_tail`` a last batch smaller than
+        ``world_size`` is dropped (a process with no image would idle through a step).
+        """
+        self.rank, self.world_size, self.keep_tail = rank, world_size, keep_tail
+        return self
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        full, tail = divmod(self.num_samples, self.batch_size)
+        return full + (tail > 0 and (self.keep_tail or tail >= self.world_size))
+
+    def global_size(self, b: int) -> int:
+        """Images in global batch ``b`` over all processes."""
+        return min(self.batch_size, self.num_samples - b * self.batch_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, epoch)
@@ -275,10 +299,11 @@ class TensorLoader:
             shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
             flips = torch.rand(n, generator=g) < 0.5
         for b in range(start, len(self)):
-            sel = order[b * bs:(b + 1) * bs].to(dev)
+            mine = rank_slice(self.global_size(b), self.rank, self.world_size)
+            part = slice(b * bs + mine.start, b * bs + mine.stop)
+            sel = order[part].to(dev)
             x = (self.images[sel].float() * self.scale - self.mean) / self.std
             if self.augment:
-                part = slice(b * bs, (b + 1) * bs)
                 x = pad_crop_flip(x, shifts[part].to(dev), flips[part].to(dev), self.pad)
             yield x, self.labels[sel]
 

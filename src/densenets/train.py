@@ -5,8 +5,10 @@ The loop knows nothing of DenseNet: it takes a module, a training loader with
 (``metrics.csv``, ``curves.png``, ``last.pt``, ``best.pt``, ``summary.json``) through one
 function, saves atomically, stops cleanly on SIGINT/SIGTERM (finishing the step and saving a
 mid-epoch checkpoint), stops on a non-finite loss without overwriting the last good checkpoint,
-and resumes bit for bit. Distributed training plugs in at :func:`wrap_model`, ``_reduce`` and
-``_is_main``; the data order lives in :func:`densenets.data.epoch_order`.
+and resumes bit for bit. Under torchrun (``dist``, see :mod:`densenets.distributed`) every
+process runs this loop on its share of each batch; only rank 0 writes and prints, the
+processes agree at fixed steps whether to stop (a signal, a non-finite loss), and evaluation
+sums the counts of all processes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .distributed import Dist, gather_rng, restore_rng, wrap_ddp
 from .evaluate import autocast, evaluate
 from .runlog import EpochProgress, write_curves, write_json, write_metrics
 
@@ -59,8 +62,11 @@ def _print(line: str) -> None:
     print(line, flush=True)  # logs are read live (CI, tail -f): no buffering
 
 
-def wrap_model(model: nn.Module, compile: bool = False) -> nn.Module:
-    """The module the steps run through: the one place for torch.compile (and, later, DDP)."""
+def wrap_model(model: nn.Module, compile: bool = False, dist: Dist | None = None,
+               device: torch.device | None = None) -> nn.Module:
+    """The module the steps run through: DDP across processes, then torch.compile."""
+    if dist is not None and dist.enabled:
+        model = wrap_ddp(model, device or torch.device("cpu"))
     return torch.compile(model) if compile else model
 
 
@@ -105,12 +111,14 @@ class Trainer:
                  select_on: str | None = None, stop_after: int | None = None,
                  checkpoint_extra: dict[str, Any] | None = None,
                  summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
-                 progress: bool | None = None, log: Callable[[str], None] | None = None) -> None:
+                 progress: bool | None = None, log: Callable[[str], None] | None = None,
+                 dist: Dist | None = None) -> None:
         self.device = torch.device(device)
+        self.dist = dist or Dist()
         self.model = model.to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.net = wrap_model(self.model, compile)
+        self.net = wrap_model(self.model, compile, self.dist, self.device)
         self.train_loader = as_loader(train_loader)
         self.eval_loaders = eval_loaders
         self.epochs, self.schedule, self.run_dir = epochs, schedule, Path(run_dir)
@@ -125,22 +133,37 @@ class Trainer:
         self.summary_extra = dict(summary_extra or {})
         # One host sync per step is free on CPU; on a GPU it would stall the launch queue.
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else 25)
-        self.progress = EpochProgress(sys.stdout.isatty() if progress is None else progress)
-        self.log = log or _print
+        live = sys.stdout.isatty() if progress is None else progress
+        self.progress = EpochProgress(live and self.dist.is_main)
+        self.log = (log or _print) if self.dist.is_main else (lambda line: None)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.step_in_epoch = 0  # batches of epoch ``self.epoch`` already trained on
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0, "seconds": 0.0}
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal this process received
+        self.stopping: int | None = None  # the signal every process agreed to stop on
 
     # ------------------------------------------------------------------ distributed seams
     def _is_main(self) -> bool:
-        return True
+        return self.dist.is_main
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+        return self.dist.all_sum(t)
+
+    def _agree(self, nonfinite: bool = False) -> bool:
+        """Whether any process saw a non-finite loss; sets ``stopping`` if any got a signal.
+        Every process calls this at the same batches, so all stop at the same step."""
+        if not self.dist.enabled:
+            self.stopping = self.stop_signal
+            return nonfinite
+        flags = torch.tensor([int(nonfinite), self.stop_signal or 0], device=self.device)
+        bad, sig = self.dist.all_max(flags).tolist()
+        if sig and self.stopping is None:
+            self.stopping = int(sig)
+            self.stop_signal = self.stop_signal or self.stopping
+        return bool(bad)
 
     def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Every file a run writes goes through here (rank 0 only, once distributed)."""
@@ -158,6 +181,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "partial": dict(self.partial), "epochs": self.epochs,
             "metrics": self.history, "best": self.best, "rng": ckpt.capture_rng_state(),
+            "rng_per_rank": gather_rng(self.dist, self.device),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,6 +195,7 @@ class Trainer:
         self.partial = dict(state.get("partial") or self.partial)
         self.history, self.best = list(state.get("metrics", [])), state.get("best")
         ckpt.restore_rng_state(state["rng"])
+        restore_rng(state.get("rng_per_rank"), self.dist, self.device)
 
     def _save(self, name: str) -> Path:
         return self._write(ckpt.save_checkpoint, self.state_dict(), self.run_dir / name)
@@ -196,7 +221,8 @@ class Trainer:
                 return self._interrupted()
             row = self._end_epoch(epoch, lr)
             self.log(self.progress.epoch_line(row, self.epochs))
-            if self.stop_signal is not None:
+            self._agree()
+            if self.stopping is not None:
                 return self._interrupted()
             if self.stop_after is not None and self.stop_after <= self.epoch < self.epochs:
                 self.log(f"stopped after epoch {self.epoch} of {self.epochs} (--stop-after); "
@@ -211,14 +237,16 @@ class Trainer:
         self.net.train()
         loader = self.train_loader
         start, t0, n0 = self.step_in_epoch, time.perf_counter(), self.partial["n"]
-        sums = torch.tensor([self.partial["loss_sum"], self.partial["correct"], n0],
+        # ``partial`` holds the sums of all processes: carried by rank 0 alone, reduced below.
+        carried = [self.partial[k] for k in ("loss_sum", "correct", "n")]
+        sums = torch.tensor(carried if self._is_main() else [0.0] * 3,
                             dtype=torch.float64, device=self.device)
         pending: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet checked
         interrupted = False
         self.progress.start(epoch, self.epochs, len(loader), start)
         for b, (x, y) in enumerate(loader.batches(epoch, start), start):
             if len(y):  # a batch of unreadable images only: skipped, but counted
-                loss, correct = self._train_step(x, y)
+                loss, correct = self._train_step(x, y, self._loss_weight(loader, b, len(y)))
                 pending.append((b, loss))
                 sums += torch.stack([loss.double() * len(y), correct.double(),
                                      torch.tensor(float(len(y)), dtype=torch.float64,
@@ -226,22 +254,35 @@ class Trainer:
                 self.step += 1
             self.step_in_epoch = b + 1
             last = b + 1 == len(loader)
-            if pending and (len(pending) >= self.sync_every or last or self.stop_signal):
+            if self.dist.enabled:  # at the same batches on every process
+                due = (b + 1 - start) % self.sync_every == 0 or last
+            else:
+                due = bool(pending) and (len(pending) >= self.sync_every or last
+                                         or self.stop_signal is not None)
+            if due:
                 self._check_finite(pending, epoch)
                 pending.clear()
                 loss_sum, hits, n = sums.tolist()
                 self.progress.update(b + 1, loss_sum / max(n, 1), 100 * (1 - hits / max(n, 1)),
                                      (n - n0) / max(time.perf_counter() - t0, 1e-9))
-            if self.stop_signal is not None and not last:
+            if self.stopping is not None and not last:
                 interrupted = True
                 break
         if pending:
             self._check_finite(pending, epoch)
-        self._set_partial(sums, t0)
+        self._set_partial(self._reduce(sums), t0)
         self.progress.stop()
         return not interrupted
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_weight(self, loader, b: int, local: int) -> float:
+        """Scales this process's mean loss so that DDP's average over processes is the mean
+        over the global batch even when the shares differ (the last batch of an epoch)."""
+        if not self.dist.enabled or not hasattr(loader, "global_size"):
+            return 1.0
+        return local * self.dist.world_size / loader.global_size(b)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
+                    weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -252,13 +293,20 @@ class Trainer:
             logits = logits.float()  # the loss in full precision under autocast
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
     def _check_finite(self, pending: list[tuple[int, torch.Tensor]], epoch: int) -> None:
-        values = torch.stack([loss for _, loss in pending]).tolist()
+        values = torch.stack([loss for _, loss in pending]).tolist() if pending else []
+        local_bad = not all(math.isfinite(v) for v in values)
+        if self._agree(local_bad) and not local_bad:
+            self.progress.stop()
+            raise TrainingDiverged(
+                f"the loss of another process became non-finite by step {self.step} (epoch "
+                f"{epoch + 1}); stopped without saving. Lower --lr, or use --amp bf16 "
+                "instead of fp16")
         for i, v in enumerate(values):
             if not math.isfinite(v):
                 self.progress.stop()
@@ -281,8 +329,15 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
                                "train_loss": p["loss_sum"] / max(p["n"], 1),
                                "train_top1_err": 100 * (1 - p["correct"] / max(p["n"], 1))}
+        net = self.net
+        if self.dist.enabled:
+            # Rank 0's BatchNorm statistics everywhere (they are the checkpoint's), and the
+            # bare module: a process may have an empty last batch, and DDP's forward would
+            # wait for it in a collective.
+            self.dist.broadcast_buffers(self.model)
+            net = self.model
         for split, loader in self.eval_loaders.items():
-            m = evaluate(self.net, loader, self.device, amp=self.amp,
+            m = evaluate(net, loader, self.device, amp=self.amp,
                          channels_last=self.channels_last, reduce=self._reduce)
             row.update({f"{split}_loss": m["loss"], f"{split}_top1_err": m["top1_err"],
                         f"{split}_top5_err": m["top5_err"]})
@@ -304,12 +359,12 @@ class Trainer:
 
     def _interrupted(self) -> FitResult:
         self._save("last.pt")
-        name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+        name = signal.Signals(self.stopping).name if self.stopping else "signal"
         where = f"epoch {self.epoch + 1}, batch {self.step_in_epoch}" if self.step_in_epoch \
             else f"the end of epoch {self.epoch}"
         self.log(f"{name}: saved {self.run_dir / 'last.pt'} at {where} (step {self.step}); "
                  f"continue with: densenets train --resume {self.run_dir}")
-        return FitResult("interrupted", EXIT_SIGNAL.get(self.stop_signal, 130), self.summary())
+        return FitResult("interrupted", EXIT_SIGNAL.get(self.stopping, 130), self.summary())
 
     def summary(self) -> dict[str, Any]:
         """Epochs, time, the last epoch's metrics and those of the best epoch."""
@@ -335,9 +390,14 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is not None:  # a second signal: stop now, without saving
-            signal.signal(signum, signal.SIG_DFL)
+        if self.stop_signal is not None:
+            # Ctrl-C under torchrun reaches a worker twice (SIGINT from the terminal, SIGTERM
+            # from torchrun): only a repeat of the same signal means "abort without saving".
+            if self.dist.enabled and signum != self.stop_signal:
+                return
+            signal.signal(signum, signal.SIG_DFL)  # a second signal: stop now, without saving
             raise KeyboardInterrupt
         self.stop_signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
-              "(send again to abort without saving)", file=sys.stderr, flush=True)
+        if self.dist.is_main:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
+                  "(send again to abort without saving)", file=sys.stderr, flush=True)

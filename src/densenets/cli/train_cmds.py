@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..checkpoint import load_checkpoint, remove_stale_temporaries
 from ..data import build_data
 from ..evaluate import evaluate
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_overrides(p)
     g = p.add_argument_group("recipe overrides")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int,
+                   help="global batch: under torchrun it is split evenly over the processes "
+                        "(the paper's batch sizes are global)")
     g.add_argument("--lr", type=float, help="initial learning rate (divided by 10 at 50%% "
                                             "and 75%% of the epochs; ImageNet at 1/3 and 2/3)")
     g.add_argument("--val-split", type=int, nargs="?", const=-1, metavar="N",
@@ -75,6 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--memory-efficient", action="store_true", default=None,
                    help="memory-efficient dense blocks")
+    g = p.add_argument_group("several processes (start with torchrun --nproc-per-node N)")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="BatchNorm statistics over the global batch instead of each process's")
+    g.add_argument("--dist-timeout", type=float, metavar="S",
+                   default=distributed.DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others before giving up with an "
+                        "error (default %(default)g)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error and loss of a checkpoint",
@@ -201,20 +211,32 @@ def prepare_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
+    cfg, state = config_from_args(args)
+    d, device = distributed.setup(pick_device(cfg.device), args.dist_timeout)
     try:
-        return _train(args)
+        return _train(args, cfg, state, d, device)
+    except (ValueError, FileNotFoundError) as e:
+        if d.rank:  # each process reports; name the ones that are not the first
+            raise type(e)(f"process {d.rank} of {d.world_size}: {e}") from e
+        raise
     finally:
+        distributed.teardown()
         torch.set_num_threads(threads)  # leave the calling process as it was
 
 
-def _train(args: argparse.Namespace) -> int:
-    cfg, state = config_from_args(args)
+def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
+           d: distributed.Dist, device: torch.device) -> int:
     resuming = state is not None
-    device = pick_device(cfg.device)
+    stored_dist = (state or {}).get("config", {}).get("distributed") or {}
+    sync_bn = bool(args.sync_bn or stored_dist.get("sync_bn"))
+    per_process = distributed.local_batch_size(cfg.batch_size, d.world_size)
+    if sync_bn and not d.enabled:
+        print("densenets train: --sync-bn has no effect in a single process", file=sys.stderr)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
     data = build_data(cfg, device)
+    distributed.shard_loaders(data.loaders, d)
     if state:
         model: Any = DenseNet(**state["model_config"])
         name = state["model_name"]
@@ -222,8 +244,14 @@ def _train(args: argparse.Namespace) -> int:
         name, model = build_model(cfg, data.num_classes, data.in_channels)
     if cfg.memory_efficient:
         model.set_memory_efficient(True)
-    run_dir = prepare_run_dir(cfg, resuming)
-    write_json(cfg.to_dict(), run_dir / "config.json")
+    if sync_bn and d.enabled:
+        model = distributed.convert_sync_batchnorm(model, device)
+    distributed.seed_rank(cfg.seed, d)
+    run_dir = agreed_run_dir(cfg, resuming, d, device)
+    job = {**d.describe(), "sync_bn": sync_bn, "batch_per_process": per_process}
+    record = {**cfg.to_dict(), "distributed": job}
+    if d.is_main:
+        write_json(record, run_dir / "config.json")
     params = sum(p.numel() for p in model.parameters())
     meta = {"class_names": data.class_names, "preprocessing": data.preprocessing,
             "recipe": cfg.recipe}
@@ -235,25 +263,54 @@ def _train(args: argparse.Namespace) -> int:
         weight_decay=cfg.weight_decay, device=device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, stop_after=cfg.stop_after,
         checkpoint_extra={"model_config": model.config.to_dict(), "model_name": name,
-                          "meta": meta, "config": cfg.to_dict()},
+                          "meta": meta, "config": record},
         summary_extra={"recipe": cfg.recipe, "model": name, "params": params,
                        "device": str(device), "run_dir": str(run_dir),
-                       "paper_error": recipe.paper_error})
+                       "paper_error": recipe.paper_error, "world_size": d.world_size},
+        dist=d)
     if state:
         trainer.load_state_dict(state)
-        remove_stale_temporaries(run_dir)
-    sizes = ", ".join(f"{v.num_samples:,} {k}" for k, v in data.loaders.items())
-    print(f"{'resuming' if state else 'training'} {name} ({params:,} parameters) on "
-          f"{cfg.recipe}: {sizes} images; {_n(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, "
-          f"lr {cfg.lr:g}{_drops(cfg)}, {device}; run directory {run_dir}", flush=True)
+        if d.is_main:
+            remove_stale_temporaries(run_dir)
+    if d.is_main:
+        sizes = ", ".join(f"{v.num_samples:,} {k}" for k, v in data.loaders.items())
+        where = f"{device}" if not d.enabled else \
+            f"{d.world_size} processes ({d.backend}, {per_process} images each per step)"
+        since = f" from step {trainer.step}" if state else ""
+        print(f"{'resuming' if state else 'training'} {name} ({params:,} parameters) on "
+              f"{cfg.recipe}{since}: {sizes} images; {_n(cfg.epochs, 'epoch')}, batch "
+              f"{cfg.batch_size}, lr {cfg.lr:g}{_drops(cfg)}, {where}; run directory {run_dir}",
+              flush=True)
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
         print(f"densenets train: error: {e}", file=sys.stderr)
         return 1
-    if result.status == "completed":
+    except (RuntimeError, distributed.dist.DistError) as e:
+        if not d.enabled:
+            raise
+        print(f"densenets train: error: {distributed.lost_peer_message(e, d, run_dir)}",
+              file=sys.stderr, flush=True)
+        return 1
+    if result.status == "completed" and d.is_main:
         print_summary(result.summary)
     return result.exit_code
+
+
+def agreed_run_dir(cfg: TrainConfig, resuming: bool, d: distributed.Dist,
+                   device: torch.device) -> Path:
+    """Rank 0 picks (and checks) the run directory; every process gets its answer."""
+    answer = None
+    if d.is_main:
+        try:
+            answer = "ok:" + str(prepare_run_dir(cfg, resuming))
+        except (ValueError, OSError) as e:
+            answer = f"error:{e}"
+    answer = d.broadcast_text(answer, device)
+    if answer.startswith("error:"):
+        raise ValueError(answer[len("error:"):])
+    cfg.out = answer[len("ok:"):]
+    return Path(cfg.out)
 
 
 def _n(count: int, noun: str) -> str:

@@ -9,8 +9,9 @@ implementations. Speed: on CPU the four models take turns step by step in one pr
 busy machine slows them alike (median of 5 timed steps after 2 warm-up); on a GPU each runs in
 its own process. Memory: each figure from a fresh process (peak RSS on CPU,
 torch.cuda.max_memory_allocated on GPU). Results are written one JSON file per measurement under
-benchmarks/results/<machine>/ (a rerun skips those already there: the command resumes; --force
-measures again), then gathered into <machine>.json and into the tables of docs/benchmarks.md.
+benchmarks/results/<machine>/ (a rerun skips those already there: the command resumes; delete a
+file, or pass --force, to measure again), then gathered into <machine>.json and into the tables
+of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -160,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--quick", action="store_true", help="fewer steps and configurations")
     p.add_argument("--force", action="store_true", help="measure again what is stored")
-    p.add_argument("--only", choices=("train", "depth"), help="run one suite")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                    help="results folder (default benchmarks/results)")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md",
@@ -171,11 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.out / tag, args.force)
     summary = {"machine": tag, "environment": environment(device),
                "date": time.strftime("%Y-%m-%d"), "train": [], "depth": None}
-    if args.only in (None, "train"):
-        for cfg in train_configs(device.type, args.quick):
-            summary["train"].append(run_training(store, cfg, device))
-    if args.only in (None, "depth"):
-        summary["depth"] = run_depth(store, device, args.quick)
+    for cfg in train_configs(device.type, args.quick):
+        summary["train"].append(run_training(store, cfg, device))
+    summary["depth"] = run_depth(store, device, args.quick)
     (args.out / f"{tag}.json").write_text(json.dumps(summary, indent=1))
     markdown = render(summary)
     print(markdown)

@@ -207,13 +207,16 @@ def _conv1x1_backward(dz, w1, xhat, g1, b1, g_sum, accumulate: bool, acc, native
     ``accumulate``)."""
     m, c = xhat.shape
     dev = xhat.device
-    dw1 = torch.zeros((w1.shape[0], c), dtype=w1.dtype, device=dev)
+    dw1 = torch.zeros((w1.shape[0], c), dtype=acc, device=dev)
     dg1 = torch.zeros(c, dtype=acc, device=dev)
     db1 = torch.zeros_like(dg1)
     for r in row_chunks(m, c, dev):
         rows = r.stop - r.start
         a = bn_relu(xhat[r], g1, b1, workspace("a", (rows, c), dz.dtype, dev), native)
-        dw1.addmm_(dz[r].t(), a)
+        if dw1.dtype == a.dtype:
+            dw1.addmm_(dz[r].t(), a)
+        else:  # half precision: sum the chunks in float32
+            dw1 += torch.mm(dz[r].t(), a)
         da = torch.mm(dz[r], w1, out=workspace("d", (rows, c), dz.dtype, dev))
         dg, db = bn_relu_backward(da, a, xhat[r], g1, b1, g_sum[r], accumulate, acc, native)
         dg1 += dg

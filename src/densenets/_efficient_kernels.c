@@ -222,12 +222,38 @@ void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T
 }
 
 /* dL/dx of a channel group from its direct gradient and the summed BN backward of all its
- * readers: out = go + invstd * (G - P / M - x * Q / M). */
+ * readers: out = go + invstd * (G - mean(G) - x * mean(G * x)). The means are taken over the
+ * accumulated G itself, so each output column has exactly the zero-mean structure of BN's
+ * backward (sums of the readers' own terms would differ from it by G's rounding). */
 void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
-                        const T *invstd, const T *P, const T *Q, const T *go, i64 ldgo, T *out,
-                        i64 ldo, int nt) {
+                        const T *invstd, const T *go, i64 ldgo, T *out, i64 ldo, int nt) {
+    double *part = partials_new(nt, 2 * k);
+#pragma omp parallel num_threads(nt)
+    {
+        double *sp = part + (i64)omp_get_thread_num() * 2 * k, *sq = sp + k;
+        T *restrict bp = (T *)calloc(2 * k, sizeof(T)), *restrict bq = bp + k;
+        i64 rows = 0;
+#pragma omp for schedule(static)
+        for (i64 m = 0; m < M; m++) {
+            const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;
+            for (i64 j = 0; j < k; j++) { bp[j] += gr[j]; bq[j] += gr[j] * xr[j]; }
+            if (++rows == ROWS) {
+                for (i64 j = 0; j < k; j++) { sp[j] += bp[j]; sq[j] += bq[j]; bp[j] = bq[j] = 0; }
+                rows = 0;
+            }
+        }
+        for (i64 j = 0; j < k; j++) { sp[j] += bp[j]; sq[j] += bq[j]; }
+        free(bp);
+    }
+    double *tot = (double *)malloc(2 * k * sizeof(double));
+    partials_sum(part, nt, 2 * k, tot);
     T *coef = (T *)malloc(2 * k * sizeof(T)), *pm = coef + k;
-    for (i64 j = 0; j < k; j++) { pm[j] = P[j] / (T)M; coef[j] = Q[j] / (T)M; }
+    for (i64 j = 0; j < k; j++) {
+        pm[j] = (T)(tot[j] / (double)M);
+        coef[j] = (T)(tot[k + j] / (double)M);
+    }
+    free(tot);
+    free(part);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 m = 0; m < M; m++) {
         const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;

@@ -36,8 +36,7 @@ _SIGNATURES = {
     "col_normalise": [_i64, _i64, _ptr, _i64, _ptr, _i64, _dbl, _ptr, _ptr, _ptr, _ptr, _i64,
                       _ptr, _ptr, _ptr, _i64, _int],
     "bn_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "bn_input_grad": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr,
-                      _i64, _int],
+    "bn_input_grad": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _int],
 }
 
 
@@ -173,10 +172,9 @@ def bn_backward(dh: torch.Tensor, z: torch.Tensor, g, b, invstd):
     return dgamma, dbeta
 
 
-def bn_input_grad(g_sum, x, invstd, p_sum, q_sum, grad_direct, out):
-    """out = grad_direct + invstd * (G - P / M - x * Q / M)."""
+def bn_input_grad(g_sum, x, invstd, grad_direct, out):
+    """out = grad_direct + invstd * (G - mean(G) - x * mean(G * x)), means over G's rows."""
     m, k = x.shape
-    _fn("bn_input_grad", x.dtype)(m, k, *_mat(g_sum), *_mat(x), _vec(invstd), _vec(p_sum),
-                                  _vec(q_sum), *_mat(grad_direct), *_mat(out),
-                                  torch.get_num_threads())
+    _fn("bn_input_grad", x.dtype)(m, k, *_mat(g_sum), *_mat(x), _vec(invstd),
+                                  *_mat(grad_direct), *_mat(out), torch.get_num_threads())
     return out

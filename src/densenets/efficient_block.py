@@ -12,7 +12,7 @@ block's channels, is a strided view with no copy:
 
 BN1-ReLU of the prefix (O(L^2) values over the block) is never stored: backward recomputes it.
 BN1's backward is linear in the incoming gradient, so the terms of every layer reading a channel
-are summed first (``g_sum``, ``p_sum``, ``q_sum``) and normalised once per channel.
+are summed first (``g_sum``) and normalised once per channel, when its last reader is done.
 """
 
 from __future__ import annotations
@@ -144,11 +144,8 @@ class EfficientDenseBlock(torch.autograd.Function):
         grad_out = nhwc(grad_out.to(cdt))
         if native and grad_out.stride(1) != 1:
             grad_out = grad_out.contiguous()
-        # g_sum[:, j] = sum over readers l of gamma1_l[j] * dL/dy1_l[:, j] (y1 = BN1 output);
-        # p_sum, q_sum: the per-channel sums of gamma1_l * dbeta1_l and gamma1_l * dgamma1_l.
+        # g_sum[:, j] = sum over readers l of gamma1_l[j] * dL/dy1_l[:, j] (y1 = BN1 output)
         g_sum = workspace("g_sum", (m, c_out), acc, dev)
-        p_sum = torch.zeros(c_out, dtype=acc, device=dev)
-        q_sum = torch.zeros_like(p_sum)
         grads: list[torch.Tensor | None] = [None] * len(params)
         last = spec.num_layers - 1
         for i in reversed(range(spec.num_layers)):
@@ -159,8 +156,8 @@ class EfficientDenseBlock(torch.autograd.Function):
                 d_new = grad_out[:, c:c + k]
             else:
                 d_new = bn_input_grad(g_sum[:, c:c + k], xhat[:, c:c + k], invstd[c:c + k],
-                                      p_sum[c:c + k], q_sum[c:c + k], grad_out[:, c:c + k],
-                                      workspace("d_new", (m, k), acc, dev), native)
+                                      grad_out[:, c:c + k], workspace("d_new", (m, k), acc, dev),
+                                      acc, native)
             if p > 0:
                 d_new = d_new * noises.pop()
             d_new = nchw(d_new.to(cdt).contiguous(), n, h, w)
@@ -185,15 +182,10 @@ class EfficientDenseBlock(torch.autograd.Function):
                 # the last layer reads every earlier channel: it writes g_sum, others add to it
                 dg1, db1 = bn_relu_backward(nhwc(da), a, xhat[:, :c], g1, b1, g_sum[:, :c],
                                             accumulate=i != last, acc=acc, native=native)
-            if i == last:
-                p_sum[:c], q_sum[:c] = g1 * db1, g1 * dg1
-            else:
-                p_sum[:c].addcmul_(g1, db1)
-                q_sum[:c].addcmul_(g1, dg1)
             j = (6 if b else 3) * i
             grads[j: j + 3] = [dg1.to(g1.dtype), db1.to(b1.dtype), dw1.to(w1.dtype)]
-        dx = bn_input_grad(g_sum[:, :c0], xhat[:, :c0], invstd[:c0], p_sum[:c0], q_sum[:c0],
-                           grad_out[:, :c0], torch.empty((m, c0), dtype=acc, device=dev), native)
+        dx = bn_input_grad(g_sum[:, :c0], xhat[:, :c0], invstd[:c0], grad_out[:, :c0],
+                           torch.empty((m, c0), dtype=acc, device=dev), acc, native)
         dx = nchw(dx.to(cdt), n, h, w)
         if not spec.channels_last_input:
             dx = dx.contiguous()

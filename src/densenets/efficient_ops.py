@@ -170,15 +170,18 @@ def bn_backward(dh: torch.Tensor, z: torch.Tensor, hidden: torch.Tensor, gamma, 
     return dz, dgamma, dbeta
 
 
-def bn_input_grad(g_sum, xhat, invstd, p_sum, q_sum, grad_direct, out: torch.Tensor,
+def bn_input_grad(g_sum, xhat, invstd, grad_direct, out: torch.Tensor, acc: torch.dtype,
                   native: bool) -> torch.Tensor:
     """dL/dx of one channel group: its direct gradient plus the BN1 backward of all readers,
     invstd * (G - mean(G) - xhat * mean(G * xhat)), where G sums gamma_l * dL/dy_l over the
-    readers l, mean(G) = p_sum / M and mean(G * xhat) = q_sum / M. The fused kernel writes
-    ``out``; the PyTorch version returns a new tensor."""
+    readers l. The means are taken over G itself (not summed from the readers' dbeta and
+    dgamma), so each column keeps BN's exact zero-mean structure despite G's rounding. The
+    fused kernel writes ``out``; the PyTorch version returns a new tensor."""
     if native:
-        return cpu_kernels.bn_input_grad(g_sum, xhat, invstd, p_sum, q_sum, grad_direct, out)
+        return cpu_kernels.bn_input_grad(g_sum, xhat, invstd, grad_direct, out)
     m = g_sum.shape[0]
+    mean_g = colsum(g_sum, acc) / m
+    mean_gx = colsum(g_sum * xhat, acc) / m
     d = torch.addcmul(grad_direct, g_sum, invstd)
-    d.addcmul_(xhat, -(invstd * q_sum / m))
-    return d.sub_(invstd * p_sum / m)
+    d.addcmul_(xhat, -(invstd * mean_gx))
+    return d.sub_(invstd * mean_g)

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("_efficient_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]
+# Tried in order: compilers without OpenMP or -march=native (Apple clang, say) still get a build.
+_EXTRA_FLAGS = [["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -48,7 +50,7 @@ def _cache_dir() -> Path:
 def _build_key(compiler: str) -> str:
     """Source, flags, compiler and CPU: -march=native code must not move to another CPU."""
     h = hashlib.sha256(_SOURCE.read_bytes())
-    h.update(" ".join([compiler, *_FLAGS, platform.machine()]).encode())
+    h.update(" ".join([compiler, *_BASE_FLAGS, platform.machine()]).encode())
     try:
         cpu = Path("/proc/cpuinfo").read_text()
         h.update(next((ln for ln in cpu.splitlines() if ln.startswith("flags")), "").encode())
@@ -64,22 +66,31 @@ def _build() -> Path | None:
     target = _cache_dir() / f"efficient_kernels_{_build_key(compiler)}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    errors = []
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True,
-                       capture_output=True, timeout=120)
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError) as e:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent processes never load a half-written
+        # file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        errors.append(str(e))
+    else:
+        for extra in _EXTRA_FLAGS:
+            cmd = [compiler, *_BASE_FLAGS, *extra, str(_SOURCE), "-o", tmp, "-lm"]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+                os.replace(tmp, target)
+                return target
+            except subprocess.CalledProcessError as e:
+                errors.append((e.stderr or b"").decode(errors="replace").strip()[:200])
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(str(e))
+                break
         Path(tmp).unlink(missing_ok=True)
-        detail = getattr(e, "stderr", b"") or b""
-        warnings.warn("densenets: could not build the fused CPU kernels, using PyTorch "
-                      f"operations instead ({e}; {detail.decode(errors='replace')[:300]})",
-                      stacklevel=3)
-        return None
-    return target
+    warnings.warn("densenets: could not build the fused CPU kernels, using PyTorch operations "
+                  f"instead ({compiler}: {errors[-1] if errors else 'no output'})", stacklevel=3)
+    return None
 
 
 def library() -> ctypes.CDLL | None:

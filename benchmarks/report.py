@@ -1,7 +1,15 @@
-"""Markdown tables of a benchmarks/run.py summary, and their place in docs/benchmarks.md."""
+"""Markdown tables of a benchmarks/run.py summary, and their place in docs/benchmarks.md.
+
+    python benchmarks/report.py benchmarks/results/<machine>.json [--docs docs/benchmarks.md]
+
+rewrites that machine's section of the docs from a summary (one copied back from a GPU machine,
+say) without measuring anything.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 TV_PLAIN, TV_ME = "torchvision plain", "torchvision memory_efficient"
@@ -109,3 +117,19 @@ def write_section(path: Path, tag: str, markdown: str) -> None:
         text = text.rstrip() + f"\n\n## Results: {tag}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write a benchmarks/run.py summary into the docs.")
+    p.add_argument("summary", type=Path, help="benchmarks/results/<machine>.json")
+    p.add_argument("--docs", type=Path,
+                   default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+    args = p.parse_args(argv)
+    summary = json.loads(args.summary.read_text())
+    write_section(args.docs, summary["machine"], render(summary))
+    print(f"section {summary['machine']} of {args.docs} rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -74,14 +74,16 @@ def key_of(cfg: BenchConfig, what: str) -> str:
 class Store:
     """One JSON file per measurement, so an interrupted run resumes where it stopped."""
 
-    def __init__(self, folder: Path, force: bool) -> None:
-        self.folder, self.force = folder, force
+    def __init__(self, folder: Path, force: bool, render_only: bool = False) -> None:
+        self.folder, self.force, self.render_only = folder, force, render_only
         folder.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str, measure) -> dict:
         path = self.folder / f"{key}.json"
         if path.exists() and not self.force:
             return json.loads(path.read_text())
+        if self.render_only:
+            return {"error": "not measured"}
         t0 = time.perf_counter()
         try:
             result = measure()
@@ -116,6 +118,7 @@ def measure_speed_alternating(cfg: BenchConfig) -> dict[str, dict]:
 def run_training(store: Store, cfg: BenchConfig, device: torch.device) -> dict:
     print(f"{cfg.model} batch {cfg.batch_size} {'bf16 CL' if cfg.amp else 'fp32'}", flush=True)
     results: dict[str, dict] = {}
+    speed: dict = {}
     if device.type == "cpu":
         speed = store.get(key_of(cfg, "speed"), lambda: measure_speed_alternating(cfg))
     for impl, me in IMPLS:
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--quick", action="store_true", help="fewer steps and configurations")
     p.add_argument("--force", action="store_true", help="measure again what is stored")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write the tables from what is stored")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                    help="results folder (default benchmarks/results)")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md",
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     tag = machine_tag(device) + ("-quick" if args.quick else "")
-    store = Store(args.out / tag, args.force)
+    store = Store(args.out / tag, args.force, args.render_only)
     summary = {"machine": tag, "environment": environment(device),
                "date": time.strftime("%Y-%m-%d"), "train": [], "depth": None}
     for cfg in train_configs(device.type, args.quick):

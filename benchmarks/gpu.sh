@@ -19,8 +19,9 @@ mkdir -p "$DEST" benchmarks/results
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   python3 benchmarks/gpu_check.py --json "$DEST/gpu_check.json"
   check=$?
-  # stop measuring after BENCH_SECONDS (stored measurements survive), then write the tables
-  timeout "${BENCH_SECONDS:-420}" python3 benchmarks/run.py --device cuda ${QUICK:+--quick} \
+  # stop measuring after BENCH_SECONDS (SIGINT: run.py ends its child too; stored measurements
+  # survive), then write the tables
+  timeout -s INT -k 30 "${BENCH_SECONDS:-420}" python3 benchmarks/run.py --device cuda ${QUICK:+--quick} \
     --out benchmarks/results --docs "$DEST/benchmarks_gpu.md"
   bench=$?
   python3 benchmarks/run.py --device cuda ${QUICK:+--quick} --render-only \

@@ -221,8 +221,12 @@ def _backend(device: torch.device, cfg: BenchConfig) -> str | None:
 
 def run_in_subprocess(cfg: BenchConfig, timeout: float = 1800) -> dict:
     """:func:`run_single` in a fresh Python process, so its peak memory is its own."""
+    # the child imports this very package, installed or not
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "densenets.bench", json.dumps(asdict(cfg))],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

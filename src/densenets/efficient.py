@@ -51,6 +51,8 @@ def unsupported_reason(block: nn.Module) -> str | None:
     for group in (norms1, norms2):
         if len({bn.eps for bn in group}) > 1:
             return "the BatchNorm layers of one block use different eps"
+    if len({(layer.bottleneck, layer.conv1.out_channels) for layer in layers}) > 1:
+        return "the layers of one block differ in their bottleneck"
     for layer in layers:
         convs = [(layer.conv1, 1 if layer.bottleneck else 3)]
         if layer.bottleneck:

@@ -16,6 +16,7 @@ socket closes, and torchrun stops the whole job when one worker exits with an er
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -124,8 +125,14 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[D
     else:
         backend = "gloo"
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), rank=rank,
-                            world_size=world, **kwargs)
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), rank=rank,
+                                world_size=world, **kwargs)
+    except dist.DistError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConnectionError(f"process {rank} of {world} could not join the job ({first}); "
+                              "check --rdzv-endpoint / MASTER_ADDR:MASTER_PORT and that every "
+                              "node can reach it") from e
     return Dist(rank, world, local, backend, timeout_s), device
 
 
@@ -165,7 +172,9 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 def lost_peer_message(error: BaseException, d: Dist, run_dir: os.PathLike | str) -> str:
     """The one line a process prints when a collective failed: a peer died or timed out."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    # gloo prefixes its source location and appends advice; keep the first sentence.
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:200]
     return (f"process {d.rank} of {d.world_size} lost the others ({first}): another process "
             "crashed, was killed or stopped answering (its own message or torchrun's report "
             f"says why; waiting is bounded by --dist-timeout {d.timeout_s:g} s). The last "

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .data import DataBundle, epoch_order, preprocessing_of
+from .data import DataBundle, epoch_order, preprocessing_of, rank_slice
 
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg (optionally root/test/)"
 
@@ -159,19 +159,35 @@ class FolderLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.workers, self.strict, self.pin_memory = workers, strict, pin_memory
         self.reported: set[str] = set()
+        self.rank, self.world_size, self.keep_tail = 0, 1, True
+
+    def shard(self, rank: int, world_size: int, keep_tail: bool = True) -> FolderLoader:
+        """Load only process ``rank``'s part of every global batch (as ``TensorLoader.shard``)."""
+        self.rank, self.world_size, self.keep_tail = rank, world_size, keep_tail
+        return self
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        full, tail = divmod(self.num_samples, self.batch_size)
+        return full + (tail > 0 and (self.keep_tail or tail >= self.world_size))
+
+    def global_size(self, b: int) -> int:
+        """Images in global batch ``b`` over all processes."""
+        return min(self.batch_size, self.num_samples - b * self.batch_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         base = (int(self.seed) * 1_000_003 + int(epoch)) * 10_000_019
-        keys = [(int(i), (base + int(i)) % 2**63 if self.shuffle else None)
-                for i in order[start * self.batch_size:]]
-        if not keys:
+        parts, keys = [], []
+        for b in range(start, len(self)):  # this process's slice of each global batch
+            mine = rank_slice(self.global_size(b), self.rank, self.world_size)
+            chosen = order[b * self.batch_size + mine.start:b * self.batch_size + mine.stop]
+            parts.append(list(range(len(keys), len(keys) + len(chosen))))
+            keys += [(int(i), (base + int(i)) % 2**63 if self.shuffle else None)
+                     for i in chosen]
+        if not parts:
             return
-        loader = DataLoader(_KeyedView(self.dataset, keys), batch_size=self.batch_size,
-                            shuffle=False, num_workers=self.workers,
+        loader = DataLoader(_KeyedView(self.dataset, keys), batch_sampler=parts,
+                            num_workers=self.workers,
                             collate_fn=collate_skip_bad, worker_init_fn=_worker_init,
                             pin_memory=self.pin_memory)
         for x, y, bad in loader:

@@ -212,7 +212,11 @@ def prepare_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     cfg, state = config_from_args(args)
-    d, device = distributed.setup(pick_device(cfg.device), args.dist_timeout)
+    try:
+        d, device = distributed.setup(pick_device(cfg.device), args.dist_timeout)
+    except ConnectionError as e:
+        print(f"densenets train: error: {e}", file=sys.stderr)
+        return 1
     try:
         return _train(args, cfg, state, d, device)
     except (ValueError, FileNotFoundError) as e:

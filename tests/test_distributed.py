@@ -1,0 +1,268 @@
+"""Training on several processes: DDP over gloo with 2 CPU processes started by torchrun.
+
+Each torchrun job runs a small worker script (written below) that calls ``densenets train``;
+it can shrink the digits training set (``LIMIT``), write each process's parameters after the
+run (``DUMP``) and its pid at the start (``PIDS``), so a test can see every rank, not only
+the run directory that rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import densenets.data as data_mod
+from densenets.cli import main
+from densenets.data import ArrayData, TensorLoader, rank_slice
+from densenets.distributed import local_batch_size
+
+TINY = ["--model", "densenet-bc-16-k4"]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+JOB_TIMEOUT = 120  # seconds: a job that hangs fails its test instead of the suite
+
+WORKER = '''
+import os, sys, torch
+import densenets.data as data
+from densenets import train
+from densenets.cli import main
+
+rank = int(os.environ.get("RANK", "0"))
+if os.environ.get("PIDS"):
+    open(os.path.join(os.environ["PIDS"], f"rank{rank}.pid"), "w").write(str(os.getpid()))
+limit = int(os.environ.get("LIMIT", "0"))
+if limit:
+    full = data.load_digits_data
+    data.load_digits_data = lambda: (full()[0].subset(torch.arange(limit)), full()[1])
+if os.environ.get("DUMP"):
+    fit = train.Trainer.fit
+    def dump(self):
+        result = fit(self)
+        params = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        torch.save(params, os.path.join(os.environ["DUMP"], f"rank{rank}.pt"))
+        return result
+    train.Trainer.fit = dump
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def worker(tmp_path) -> Path:
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def torchrun(worker: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """A 2-process gloo job on this machine (free port, so tests may run side by side)."""
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "--monitor-interval=0.5",
+           str(worker), "train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **popen)
+
+
+def finish(job: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> tuple[int, str, str]:
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(job.pid)
+        out, err = job.communicate()
+        pytest.fail(f"torchrun job still running after {timeout} s:\n{out}\n{err}")
+    return job.returncode, out, err
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants (torchrun starts its workers in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in reversed(tree):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def run_job(worker: Path, *args: str, env: dict | None = None) -> tuple[str, str]:
+    code, out, err = finish(torchrun(worker, *args, env=env))
+    assert code == 0, f"exit {code}\n{out}\n{err}"
+    return out, err
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def wait_for(path: Path, job: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if job.poll() is not None or time.monotonic() > end:
+            finish(job, 1)
+            pytest.fail(f"{path} never appeared (exit {job.returncode})")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------- no processes
+
+
+def test_rank_slices_cover_each_item_once():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 5):
+            parts = [list(range(n))[rank_slice(n, r, world)] for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_sharded_loader_splits_the_single_process_batches():
+    data = ArrayData(torch.rand(29, 1, 4, 4), torch.arange(29), ["x"])
+
+    def loader(**kw):
+        return TensorLoader(data, 8, [0.5], [0.25], shuffle=True, augment=True, seed=3, pad=1,
+                            **kw)
+
+    whole = list(loader().batches(1))
+    for keep_tail in (True, False):
+        shards = [list(loader().shard(r, 2, keep_tail).batches(1)) for r in range(2)]
+        assert len(shards[0]) == len(whole)
+        for (x, y), (x0, y0), (x1, y1) in zip(whole, *shards, strict=True):
+            assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    # A training tail of fewer images than processes is dropped, not given to one process.
+    ones = ArrayData(torch.rand(17, 1, 4, 4), torch.arange(17), ["x"])
+    assert len(TensorLoader(ones, 8, [0], [1]).shard(0, 2, keep_tail=False)) == 2
+    assert len(TensorLoader(ones, 8, [0], [1]).shard(1, 2, keep_tail=True)) == 3
+
+
+def test_sharded_image_folder_loads_each_image_once(tmp_path):
+    from PIL import Image
+
+    from densenets.imagefolder import FolderLoader, SafeImageFolder, train_transform
+
+    for c, cls in enumerate(("cat", "dog")):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (12, 12), (40 * i, 100 * c, 0)).save(tmp_path / cls / f"{i}.png")
+    ds = SafeImageFolder(tmp_path, train_transform(8, None, [0.5] * 3, [0.25] * 3, True))
+
+    def batches(**shard):
+        loader = FolderLoader(ds, 4, shuffle=True, seed=1)
+        return list((loader.shard(**shard) if shard else loader).batches(2))
+
+    whole = batches()
+    shards = [batches(rank=r, world_size=3, keep_tail=True) for r in range(3)]
+    for (x, y), *parts in zip(whole, *shards, strict=True):  # same crops, flips, order
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_batch_size_is_global_and_must_split_evenly():
+    assert local_batch_size(256, 8) == 32
+    with pytest.raises(ValueError, match=r"global batch .* 3 processes.* \(63 or 66\)"):
+        local_batch_size(64, 3)
+
+
+# ---------------------------------------------------------------------------- 2 processes
+
+
+def test_two_processes_stay_identical_evaluate_exactly_and_resume(worker, tmp_path, capsys):
+    out_dir, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    args = [*TINY, "--epochs", "3", "--stop-after", "1", "--out", str(out_dir),
+            "--memory-efficient", "--channels-last"]
+    out, err = run_job(worker, *args, env={"LIMIT": "200", "DUMP": str(dump)})
+    ranks = [load(dump / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for k in ranks[0]:  # DDP keeps the replicas bit for bit equal
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    assert out.count("training ") == 1 and "2 processes (gloo" in out  # rank 0 speaks alone
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["distributed"]["world_size"] == 2 and cfg["distributed"]["backend"] == "gloo"
+    assert cfg["distributed"]["batch_per_process"] == 32
+    saved = load(out_dir / "last.pt")
+    assert all(torch.equal(saved["model"][k], v) for k, v in ranks[0].items())
+
+    # Evaluation under 2 processes == one process on the saved model, over all 360 images.
+    capsys.readouterr()
+    assert main(["eval", str(out_dir / "last.pt"), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["images"] == 360
+    assert single["top1_err"] == round(saved["metrics"][-1]["test_top1_err"], 8)
+
+    # Resume under 2 processes from the saved step.
+    steps = saved["step"]
+    assert steps == 4  # 200 images, batch 64: 3 full batches and a tail of 8 (4 each)
+    out, err = run_job(worker, "--resume", str(out_dir), env={"LIMIT": "200"})
+    assert f"resuming densenet-bc-16-k4 (5,322 parameters) on digits from step {steps}" in out
+    final = load(out_dir / "last.pt")
+    assert final["step"] == 3 * steps and final["epoch"] == 3
+    assert final["metrics"][0] == saved["metrics"][0]
+
+
+def test_sync_bn_two_by_32_equals_one_by_64(worker, tmp_path, monkeypatch):
+    # 349 images: 5 batches of 64 and a tail of 29 split 15/14, which DDP must weigh right.
+    args = [*TINY, "--epochs", "1", "--lr", "0.02"]
+    run_job(worker, *args, "--sync-bn", "--out", str(tmp_path / "two"),
+            env={"LIMIT": "349"})
+    full = data_mod.load_digits_data
+    monkeypatch.setattr(data_mod, "load_digits_data",
+                        lambda: (full()[0].subset(torch.arange(349)), full()[1]))
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    two, one = load(tmp_path / "two" / "last.pt"), load(tmp_path / "one" / "last.pt")
+    assert two["step"] == one["step"] == 6
+    assert two["config"]["distributed"]["sync_bn"] is True
+    for k, v in one["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(two["model"][k], v, rtol=0, atol=1e-5), k
+
+
+def test_sigterm_saves_once_and_resume_continues_from_the_saved_step(worker, tmp_path):
+    out_dir = tmp_path / "run"
+    job = torchrun(worker, *TINY, "--epochs", "40", "--out", str(out_dir))
+    wait_for(out_dir / "metrics.csv", job)
+    os.kill(job.pid, signal.SIGTERM)  # torchrun passes it on to every process
+    code, out, err = finish(job, 60)
+    assert code != 0
+    assert (out + err).count("SIGTERM: saved") == 1, out + err  # saved once, by rank 0
+    saved = load(out_dir / "last.pt")
+    assert 23 <= saved["step"] < 40 * 23  # 1,437 images: 23 batches of 64 per epoch
+    done = saved["epoch"] + 1
+    out, _ = run_job(worker, "--resume", str(out_dir), "--stop-after", str(done))
+    assert f"from step {saved['step']}:" in out
+    final = load(out_dir / "last.pt")
+    assert final["step"] == done * 23 and final["epoch"] == done
+
+
+def test_killed_process_ends_the_job_with_an_error(worker, tmp_path):
+    out_dir, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    job = torchrun(worker, *TINY, "--epochs", "40", "--out", str(out_dir),
+                   env={"PIDS": str(pids)})
+    wait_for(out_dir / "metrics.csv", job)
+    wait_for(pids / "rank1.pid", job)
+    start = time.monotonic()
+    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGKILL)
+    code, out, err = finish(job, 60)
+    assert time.monotonic() - start < 60
+    assert code != 0
+    # torchrun's report names the dead process; a survivor may say it lost the others.
+    assert "local_rank: 1" in err and "SIGKILL" in err, err

@@ -27,8 +27,11 @@ demo: $(VENV)/.installed
 
 # The report test renders the HTML in headless Chromium (Debian's package; CI runs as root).
 CHROMIUM := /usr/bin/chromium
+# Without root the browser test is skipped (outside CI) rather than failing the whole suite.
 $(CHROMIUM):
-	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "chromium missing and not root: the report's browser test will be skipped"; fi
 
 test: $(VENV)/.installed $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks hubconf.py

@@ -19,13 +19,7 @@ from densenets.checkpoint import load_checkpoint
 from densenets.cli import main
 from densenets.evaluate import evaluate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops; robust when other processes share the CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Fixed(nn.Module):

@@ -16,13 +16,7 @@ from densenets.export import export, read_metadata, run_exported, within_toleran
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

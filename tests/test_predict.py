@@ -17,13 +17,7 @@ from densenets.weights import imagenet_class_names
 
 NAMES = [f"digit {i}" for i in range(10)]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from densenets.train import Schedule, Trainer
 
 TINY = ["--model", "densenet-bc-16-k4"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops; robust when other processes share the CPU
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_state(a: dict, b: dict) -> None:

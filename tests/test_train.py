@@ -17,14 +17,7 @@ from densenets.train import Schedule, Trainer, TrainingDiverged
 
 TINY = ["--model", "densenet-bc-16-k8"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops; robust when other processes share the CPU
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(run) -> list[dict]:

@@ -24,14 +24,7 @@ from densenets.keymap import describe_config, infer_config, remap_state_dict, to
 from densenets.weights import load_into, read_checkpoint
 from densenets.zoo import model_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions run far faster on one thread when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny(**kw) -> DenseNet:

@@ -7,13 +7,7 @@ import torch
 
 from densenets import FeatureExtractor, create_model, save
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def block_outputs(model, x) -> dict[str, torch.Tensor]:

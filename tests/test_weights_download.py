@@ -23,13 +23,7 @@ from densenets.cli import main
 from densenets.keymap import to_legacy_keys
 from densenets.weights import PRETRAINED, WeightsNotAvailableError, download_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

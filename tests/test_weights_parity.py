@@ -16,14 +16,7 @@ from densenets.weights import load_into
 
 NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions run far faster on one thread when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:

@@ -10,7 +10,6 @@ pure function of (seed, epoch), so a run resumed mid-epoch sees exactly the batc
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -20,10 +19,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from .digest import file_digest
 
 SPLIT_SEED = 0  # the digits split and every validation hold-out are fixed, whatever --seed is
 
@@ -130,7 +131,7 @@ def load_cifar(root: str | os.PathLike, dataset: str,
         if download and not archive.is_file():
             fetch(src["url"], archive, src["md5"])
         if archive.is_file():  # downloaded now, or placed there by hand
-            if md5sum(archive) != src["md5"]:
+            if file_digest(archive, "md5") != src["md5"]:
                 raise ValueError(f"{archive} is damaged or not the official archive (MD5 is "
                                  f"not {src['md5']}); delete it and fetch it again")
             extract(archive, root)
@@ -198,19 +199,11 @@ def fetch(url: str, dest: Path, md5: str | None) -> Path:
         reason = getattr(e, "reason", e)
         raise FileNotFoundError(f"could not download {url} ({reason}); without network access "
                                 f"copy {dest.name} into {dest.parent} and run again") from e
-    if md5 and md5sum(part) != md5:
+    if md5 and file_digest(part, "md5") != md5:
         part.unlink()
         raise ValueError(f"{url} downloaded with the wrong MD5 (expected {md5}); try again")
     os.replace(part, dest)
     return dest
-
-
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extract(archive: Path, root: Path) -> None:
@@ -252,7 +245,39 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool,
     return torch.randperm(n, generator=g if g is not None else epoch_generator(seed, epoch))
 
 
-class TensorLoader:
+_Loader = TypeVar("_Loader", bound="ShardedBatches")
+
+
+class ShardedBatches:
+    """Global batches of ``batch_size`` over ``num_samples`` items, of which this process
+    loads part ``rank`` of ``world_size`` (the batch arithmetic shared by the loaders)."""
+
+    num_samples: int
+    batch_size: int
+    rank: int
+    world_size: int
+    keep_tail: bool
+
+    def shard(self: _Loader, rank: int, world_size: int, keep_tail: bool = True) -> _Loader:
+        """Yield only process ``rank``'s part of every global batch of ``batch_size``.
+
+        The global batches (and their augmentation) are those of a single process, so a job
+        of any size trains on the same data. Without ``keep_tail`` a last batch smaller than
+        ``world_size`` is dropped (a process with no image would idle through a step).
+        """
+        self.rank, self.world_size, self.keep_tail = rank, world_size, keep_tail
+        return self
+
+    def __len__(self) -> int:
+        full, tail = divmod(self.num_samples, self.batch_size)
+        return full + (tail > 0 and (self.keep_tail or tail >= self.world_size))
+
+    def global_size(self, b: int) -> int:
+        """Images in global batch ``b`` over all processes."""
+        return min(self.batch_size, self.num_samples - b * self.batch_size)
+
+
+class TensorLoader(ShardedBatches):
     """Batches of an in-memory dataset, normalised and augmented on the device.
 
     Augmentation ("+" recipes) is the CIFAR standard: zero-pad 4 pixels after normalising,
@@ -272,24 +297,6 @@ class TensorLoader:
         self.std = _channel_vector(std, c, device)
         self.scale = 1 / 255 if self.images.dtype == torch.uint8 else 1.0
         self.rank, self.world_size, self.keep_tail = 0, 1, True
-
-    def shard(self, rank: int, world_size: int, keep_tail: bool = True) -> TensorLoader:
-        """Yield only process ``rank``'s part of every global batch of ``batch_size``.
-
-        The global batches (and their augmentation) are those of a single process, so a job
-        of any size trains on the same data. Without ``keep_tail`` a last batch smaller than
-        ``world_size`` is dropped (a process with no image would idle through a step).
-        """
-        self.rank, self.world_size, self.keep_tail = rank, world_size, keep_tail
-        return self
-
-    def __len__(self) -> int:
-        full, tail = divmod(self.num_samples, self.batch_size)
-        return full + (tail > 0 and (self.keep_tail or tail >= self.world_size))
-
-    def global_size(self, b: int) -> int:
-        """Images in global batch ``b`` over all processes."""
-        return min(self.batch_size, self.num_samples - b * self.batch_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, epoch)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .data import DataBundle, epoch_order, preprocessing_of, rank_slice
+from .data import DataBundle, ShardedBatches, epoch_order, preprocessing_of, rank_slice
 
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg (optionally root/test/)"
 
@@ -148,7 +148,7 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class FolderLoader:
+class FolderLoader(ShardedBatches):
     """Batches of a :class:`SafeImageFolder`, with worker processes and per-image seeds."""
 
     def __init__(self, dataset: SafeImageFolder, batch_size: int, *, shuffle: bool = False,
@@ -160,19 +160,6 @@ class FolderLoader:
         self.workers, self.strict, self.pin_memory = workers, strict, pin_memory
         self.reported: set[str] = set()
         self.rank, self.world_size, self.keep_tail = 0, 1, True
-
-    def shard(self, rank: int, world_size: int, keep_tail: bool = True) -> FolderLoader:
-        """Load only process ``rank``'s part of every global batch (as ``TensorLoader.shard``)."""
-        self.rank, self.world_size, self.keep_tail = rank, world_size, keep_tail
-        return self
-
-    def __len__(self) -> int:
-        full, tail = divmod(self.num_samples, self.batch_size)
-        return full + (tail > 0 and (self.keep_tail or tail >= self.world_size))
-
-    def global_size(self, b: int) -> int:
-        """Images in global batch ``b`` over all processes."""
-        return min(self.batch_size, self.num_samples - b * self.batch_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)

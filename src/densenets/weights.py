@@ -8,7 +8,6 @@ listing missing and unexpected keys and shape conflicts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .digest import file_digest
 from .keymap import (
     adapt_input_conv,
     describe_config,
@@ -126,14 +126,6 @@ def complete_meta(config: dict[str, Any], meta: dict[str, Any] | None = None) ->
 
 # ---------------------------------------------------------------- download
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_weights(name: str, progress: bool = True) -> Path:
     """The local path of ``name``'s published weights, downloaded into torch.hub's cache once.
 
@@ -160,7 +152,7 @@ def download_weights(name: str, progress: bool = True) -> Path:
                 raise
             raise ValueError(f"the file downloaded from {entry.url} failed its hash check "
                              f"({e}); nothing was saved. Try again later") from e
-    digest = _sha256(dst)
+    digest = file_digest(dst, "sha256")
     if not digest.startswith(entry.sha256):
         raise ValueError(
             f"the cached file {dst} has SHA-256 {digest[:16]}..., expected a prefix of "

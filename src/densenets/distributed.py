@@ -136,9 +136,16 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[D
     return Dist(rank, world, local, backend, timeout_s), device
 
 
-def teardown() -> None:
-    """Leave the process group (a no-op when none was joined)."""
+def teardown(clean: bool = True) -> None:
+    """Leave the process group (a no-op when none was joined).
+
+    After a clean finish every process first waits for the others: a process that tears down
+    its gloo connections while a peer still uses them can abort at exit. After an error the
+    peers may be gone, so no one waits.
+    """
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -217,14 +217,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConnectionError as e:
         print(f"densenets train: error: {e}", file=sys.stderr)
         return 1
+    clean = False
     try:
-        return _train(args, cfg, state, d, device)
+        code = _train(args, cfg, state, d, device)
+        clean = code in (0, 130, 143)  # finished or stopped together: every peer is alive
+        return code
     except (ValueError, FileNotFoundError) as e:
         if d.rank:  # each process reports; name the ones that are not the first
             raise type(e)(f"process {d.rank} of {d.world_size}: {e}") from e
         raise
     finally:
-        distributed.teardown()
+        distributed.teardown(clean)
         torch.set_num_threads(threads)  # leave the calling process as it was
 
 

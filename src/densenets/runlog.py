@@ -59,7 +59,8 @@ def write_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None
         ax.legend()
         if metric == "loss":
             ax.set_yscale("log")
-    fig.tight_layout()
+    # Fixed margins: tight_layout measured every label each epoch, half the drawing time.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.22)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(buf.getvalue(), path)

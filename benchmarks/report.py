@@ -47,6 +47,8 @@ def training_table(summary: dict) -> list[str]:
         tv, tvme = res.get(TV_PLAIN, {}), res.get(TV_ME, {})
         for label, r in res.items():
             size = r.get("input_size", "-")
+            if r.get("error") == "not measured":  # a run stopped before it: listed below
+                continue
             if "error" in r:
                 lines.append(f"| {cfg['model']} | {size} | {cfg['batch_size']} | {prec} | "
                              f"{label} | failed: {r['error'][-80:]} |" + " - |" * 6
@@ -100,8 +102,17 @@ def render(summary: dict) -> str:
         out += ["Training step (forward, loss, backward, SGD step); speed and memory ratios are "
                 "to torchvision in the same run.", ""]
         out += training_table(summary) + [""]
-    if summary.get("depth"):
+    missing = [f"{e['config']['model']} batch {e['config']['batch_size']} "
+               f"{'bf16' if e['config']['amp'] else 'fp32'}"
+               for e in summary.get("train", [])
+               if all(r.get("error") == "not measured" for r in e["results"].values())]
+    depth = summary.get("depth")
+    if depth and not any(r["memory_mib"] for r in depth["results"].values()):
+        missing.append("memory against depth")
+    elif depth:
         out += depth_table(summary) + [""]
+    if missing:
+        out += ["Not measured (the run stopped first): " + "; ".join(missing) + ".", ""]
     return "\n".join(out)
 
 

@@ -64,13 +64,31 @@ def test_overrides_replace_fields_and_rescale_the_schedule():
 
 @pytest.mark.parametrize("bad,match", [
     (dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch-size"), (dict(lr=-1), "--lr"),
-    (dict(amp="fp8"), "--amp"), (dict(nonsense=1), "unknown training options"),
+    (dict(amp="fp8"), "--amp"), (dict(weight_decay=-1e-4), "--weight-decay"),
+    (dict(nonsense=1), "unknown training options"),
 ])
 def test_bad_values_are_rejected_with_the_flag_named(bad, match):
     with pytest.raises(ValueError, match=match):
         resolve("digits", **bad)
     with pytest.raises(ValueError, match="unknown recipe"):
         resolve("cifar11")
+
+
+def test_weight_decay_flag_reaches_the_optimiser(tmp_path, monkeypatch):
+    from densenets.cli import train_cmds
+
+    seen = {}
+    real = train_cmds.Trainer
+
+    def spy(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        seen["wd"] = trainer.optimizer.param_groups[0]["weight_decay"]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_cmds, "Trainer", spy)
+    with pytest.raises(SystemExit):
+        main(["train", "--weight-decay", "5e-4", "--epochs", "1", "--out", str(tmp_path / "r")])
+    assert seen["wd"] == 5e-4
 
 
 def test_step_schedule():

@@ -213,6 +213,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if cfg.val_split < 0:
         raise ValueError(f"--val-split must be >= 0 images, got {cfg.val_split}")
     if cfg.threads is not None and cfg.threads < 1:

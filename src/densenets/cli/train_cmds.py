@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(the paper's batch sizes are global)")
     g.add_argument("--lr", type=float, help="initial learning rate (divided by 10 at 50%% "
                                             "and 75%% of the epochs; ImageNet at 1/3 and 2/3)")
+    g.add_argument("--weight-decay", type=float, metavar="WD",
+                   help="L2 weight decay (the paper's 1e-4)")
     g.add_argument("--val-split", type=int, nargs="?", const=-1, metavar="N",
                    help="hold N training images out for validation (bare flag: the paper's "
                         "5000 for CIFAR, 6000 for SVHN)")
@@ -112,10 +114,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
     """The recipe with every flag the user gave applied (and the checkpoint to resume)."""
-    names = ("model", "epochs", "batch_size", "lr", "val_split", "image_size", "data_dir",
-             "download", "strict", "workers", "out", "stop_after", "seed", "deterministic",
-             "threads", "device", "amp", "channels_last", "compile", "memory_efficient",
-             "drop_rate")
+    names = ("model", "epochs", "batch_size", "lr", "weight_decay", "val_split", "image_size",
+             "data_dir", "download", "strict", "workers", "out", "stop_after", "seed",
+             "deterministic", "threads", "device", "amp", "channels_last", "compile",
+             "memory_efficient", "drop_rate")
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
     if arch:

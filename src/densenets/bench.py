@@ -41,6 +41,7 @@ class BenchConfig:
     amp: bool = False  # bfloat16 autocast
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False  # replay each step as a CUDA graph (densenets.cuda_graphs)
     device: str = "auto"
     steps: int = 5
     warmup: int = 2
@@ -48,7 +49,7 @@ class BenchConfig:
     @property
     def label(self) -> str:
         mode = "memory_efficient" if self.memory_efficient else "plain"
-        return f"{self.impl} {mode}"
+        return f"{self.impl} {mode}" + (" + CUDA graphs" if self.cuda_graphs else "")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -125,6 +126,14 @@ class TrainStep:
         classes = model.classifier.out_features
         self.y = torch.randint(0, classes, (cfg.batch_size,), device=self.device)
         self.fn = torch.compile(model) if cfg.compile else model
+        self.graphed = None
+        if cfg.cuda_graphs:
+            from .cuda_graphs import GraphedTrainStep, check_supported
+
+            check_supported(self.device, None, False, cfg.compile)
+            # the last warm-up step records the graph, so timed steps are replays
+            self.graphed = GraphedTrainStep(model, self.opt, torch.bfloat16 if cfg.amp else None,
+                                            warmup=max(0, cfg.warmup - 1))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -134,6 +143,10 @@ class TrainStep:
         """Run one step; return its wall time in seconds."""
         self._sync()
         start = time.perf_counter()
+        if self.graphed is not None:
+            self.graphed(self.x, self.y)
+            self._sync()
+            return time.perf_counter() - start
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
             loss = F.cross_entropy(self.fn(self.x), self.y)
         self.opt.zero_grad(set_to_none=True)

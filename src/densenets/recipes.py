@@ -159,6 +159,7 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     workers: int = 4
     memory_efficient: bool = False
     deterministic: bool = False

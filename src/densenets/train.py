@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .cuda_graphs import GraphedTrainStep, check_supported
 from .distributed import Dist, gather_rng, restore_rng, wrap_ddp
 from .evaluate import autocast, evaluate
 from .runlog import EpochProgress, write_curves, write_json, write_metrics
@@ -108,7 +109,8 @@ class Trainer:
                  momentum: float = 0.9, nesterov: bool = True, dampening: float = 0.0,
                  weight_decay: float = 1e-4, device: str | torch.device = "cpu",
                  amp: str | None = None, channels_last: bool = False, compile: bool = False,
-                 select_on: str | None = None, stop_after: int | None = None,
+                 cuda_graphs: bool = False, select_on: str | None = None,
+                 stop_after: int | None = None,
                  checkpoint_extra: dict[str, Any] | None = None,
                  summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
                  progress: bool | None = None, log: Callable[[str], None] | None = None,
@@ -129,6 +131,11 @@ class Trainer:
                                          momentum=momentum, dampening=dampening,
                                          weight_decay=weight_decay, nesterov=nesterov)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.graphed: GraphedTrainStep | None = None
+        if cuda_graphs:
+            check_supported(self.device, amp, self.dist.enabled, compile)
+            self.graphed = GraphedTrainStep(self.net, self.optimizer,
+                                            torch.bfloat16 if amp == "bf16" else None)
         self.extra = dict(checkpoint_extra or {})
         self.summary_extra = dict(summary_extra or {})
         # One host sync per step is free on CPU; on a GPU it would stall the launch queue.
@@ -287,6 +294,8 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.graphed is not None:
+            return self.graphed(x, y)
         with autocast(self.device, self.amp):
             logits = self.net(x)
         if logits.dtype in (torch.float16, torch.bfloat16):

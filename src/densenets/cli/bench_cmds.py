@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     p.add_argument("--memory-efficient", action="store_true",
                    help="memory-efficient dense blocks")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each training step as one CUDA graph (GPU only)")
     p.add_argument("--torchvision", action="store_true",
                    help="measure torchvision's DenseNet of the same architecture instead")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5; median shown)")
@@ -60,7 +62,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         memory_efficient=args.memory_efficient,
         batch_size=args.batch_size or _default_batch(args.model, args.device),
         input_size=args.input_size, amp=args.amp, channels_last=args.channels_last,
-        compile=args.compile, device=args.device, steps=args.steps, warmup=args.warmup)
+        compile=args.compile, cuda_graphs=args.cuda_graphs, device=args.device,
+        steps=args.steps, warmup=args.warmup)
     result = run_single(cfg)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -70,7 +73,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     t = Table(title=f"densenets bench: {cfg.model}, batch {cfg.batch_size}, "
                     f"{result['input_size']}px, {'bf16' if cfg.amp else 'fp32'}"
                     f"{', channels_last' if cfg.channels_last else ''}"
-                    f"{', compiled' if cfg.compile else ''} on {where}")
+                    f"{', compiled' if cfg.compile else ''}"
+                    f"{', CUDA graphs' if cfg.cuda_graphs else ''} on {where}")
     for col in ("implementation", "images/s", "median step ms", "peak MiB", "memory"):
         t.add_column(col, justify="left" if col in ("implementation", "memory") else "right")
     label = result["label"] + (f" ({result['backend']} kernels)" if result["backend"] else "")

@@ -58,7 +58,9 @@ class GraphedTrainStep:
                  warmup: int = WARMUP_STEPS) -> None:
         self.model, self.optimizer, self.amp_dtype = model, optimizer, amp_dtype
         self.loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y))
-        self.warmup = warmup
+        # at least one eager step: SGD creates its momentum buffers on its first step, and a
+        # capture of that first step would replay "create" instead of "update" forever
+        self.warmup = max(1, warmup)
         self.steps = 0
         self.captures = 0  # how many times the step was (re)captured
         self.graph: torch.cuda.CUDAGraph | None = None

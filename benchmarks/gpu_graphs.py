@@ -61,7 +61,7 @@ def equality(memory_efficient: bool) -> dict:
         loss_e.backward()
         opts[0].step()
         loss_g, _ = step(x, y)
-        losses.append((float(loss_e), float(loss_g)))
+        losses.append((loss_e.item(), loss_g.item()))
     worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
                 for a, b in zip(eager.state_dict().values(), graphed.state_dict().values(),
                                 strict=True) if a.is_floating_point())

@@ -7,7 +7,8 @@
 # 2. The CLI end to end on CUDA: train digits (bf16 + channels-last + memory-efficient, then fp16
 #    with the gradient scaler), eval, and a torchrun/NCCL run, each checked for its accuracy.
 # 3. benchmarks/gpu_profile.py: where a step's GPU time goes, ours against torchvision's.
-# 4. benchmarks/run.py --device cuda: the four implementations side by side, per-measurement JSON
+# 4. benchmarks/run.py --device cuda: the four implementations side by side (plus ours
+#    memory-efficient and torchvision plain replayed as CUDA graphs), per-measurement JSON
 #    under benchmarks/results/<gpu>/; stopped after BENCH_SECONDS (default: what is left of GPU_SECONDS=540 for
 #    the whole script); a second call
 #    resumes where the first stopped.

@@ -44,6 +44,8 @@ from densenets.bench import (  # noqa: E402
 
 IMPLS = [("torchvision", False), ("torchvision", True), ("densenets", False),
          ("densenets", True)]
+# on a GPU also each step replayed as a CUDA graph (densenets.cuda_graphs), ours and torchvision's
+GRAPHED = [("densenets", True), ("torchvision", False)]
 DEPTHS = [40, 100, 160, 250]
 
 
@@ -69,6 +71,7 @@ def key_of(cfg: BenchConfig, what: str) -> str:
     parts = [what, cfg.model, f"b{cfg.batch_size}", prec, "cl" if cfg.channels_last else "nchw"]
     if what != "speed":  # a speed entry holds all four implementations
         parts += [cfg.impl, "me" if cfg.memory_efficient else "plain"]
+        parts += ["graphs"] if cfg.cuda_graphs else []
     return "__".join(parts)
 
 
@@ -122,8 +125,9 @@ def run_training(store: Store, cfg: BenchConfig, device: torch.device) -> dict:
     speed: dict = {}
     if device.type == "cpu":
         speed = store.get(key_of(cfg, "speed"), lambda: measure_speed_alternating(cfg))
-    for impl, me in IMPLS:
-        c = replace(cfg, impl=impl, memory_efficient=me)
+    graphed = [(impl, me, True) for impl, me in GRAPHED] if device.type == "cuda" else []
+    for impl, me, graphs in [(impl, me, False) for impl, me in IMPLS] + graphed:
+        c = replace(cfg, impl=impl, memory_efficient=me, cuda_graphs=graphs)
         if device.type == "cpu":  # memory only: one warm-up step, one measured
             c = replace(c, steps=1, warmup=1)
         r = dict(store.get(key_of(c, "train"), lambda c=c: run_in_subprocess(c)))

@@ -266,3 +266,32 @@ def test_killed_process_ends_the_job_with_an_error(worker, tmp_path):
     assert code != 0
     # torchrun's report names the dead process; a survivor may say it lost the others.
     assert "local_rank: 1" in err and "SIGKILL" in err, err
+
+
+def test_a_process_whose_whole_share_is_unreadable_still_joins_the_step(worker, tmp_path):
+    """Batch 2 of 3 holds two unreadable images, exactly process 1's share. Process 1 then has
+    no image to train on; the others' gradient all-reduce must not wait for it until
+    --dist-timeout: it joins the step with weight 0 and the replicas stay equal."""
+    from test_data import write_image_folder
+
+    from densenets.data import epoch_order
+    from densenets.imagefolder import SafeImageFolder
+
+    root = write_image_folder(tmp_path / "ds", per_class=6, size=16)
+    samples = SafeImageFolder(root / "train", None).samples
+    order = epoch_order(len(samples), 0, 0, True)
+    for i in order[4 + 2:4 + 4].tolist():  # batch 1 (4 images), process 1's half
+        Path(samples[i][0]).write_bytes(b"\x89PNG not really")
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    t0 = time.monotonic()
+    out, err = run_job(worker, "--recipe", "folder", "--data-dir", str(root), *TINY,
+                       "--image-size", "16", "--batch-size", "4", "--epochs", "1",
+                       "--workers", "0", "--dist-timeout", "30", "--out", str(tmp_path / "run"),
+                       env={"DUMP": str(dump)})
+    assert time.monotonic() - t0 < 30, "a process waited for the one without images"
+    assert err.count("skipped unreadable image") == 2
+    ranks = [load(dump / f"rank{r}.pt") for r in range(2)]
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    assert load(tmp_path / "run" / "last.pt")["step"] == 3

@@ -149,6 +149,7 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0, "seconds": 0.0}
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self._stand_in: tuple[torch.Tensor, torch.Tensor] | None = None  # see _train_epoch
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping: int | None = None  # the signal every process agreed to stop on
 
@@ -252,12 +253,21 @@ class Trainer:
         interrupted = False
         self.progress.start(epoch, self.epochs, len(loader), start)
         for b, (x, y) in enumerate(loader.batches(epoch, start), start):
-            if len(y):  # a batch of unreadable images only: skipped, but counted
-                loss, correct = self._train_step(x, y, self._loss_weight(loader, b, len(y)))
-                pending.append((b, loss))
-                sums += torch.stack([loss.double() * len(y), correct.double(),
-                                     torch.tensor(float(len(y)), dtype=torch.float64,
-                                                  device=self.device)])
+            n = len(y)
+            if n:
+                self._stand_in = (x, y)
+            elif self.dist.enabled and self._stand_in is not None:
+                # Every image of this process's share was unreadable. The others' gradient
+                # all-reduce waits for this process, so it joins the step with its last batch at
+                # weight 0: no gradient and no metrics from it, the same step everywhere.
+                x, y = self._stand_in
+            if len(y):  # else a batch of unreadable images only: skipped, but counted
+                loss, correct = self._train_step(x, y, self._loss_weight(loader, b, n))
+                if n:
+                    pending.append((b, loss))
+                    sums += torch.stack([loss.double() * n, correct.double(),
+                                         torch.tensor(float(n), dtype=torch.float64,
+                                                      device=self.device)])
                 self.step += 1
             self.step_in_epoch = b + 1
             last = b + 1 == len(loader)

@@ -4,8 +4,9 @@
 # Needs python3 with torch >= 2.4 (CUDA), torchvision, numpy, scikit-learn, matplotlib and rich;
 # nothing is installed. Each step has its own time limit, so one that hangs costs only its share.
 # 1. benchmarks/gpu_check.py: float64 parity plain vs memory-efficient on the GPU, bf16 accuracy.
-# 2. The CLI end to end on CUDA: train digits (bf16 + channels-last + memory-efficient, then fp16
-#    with the gradient scaler), eval, and a torchrun/NCCL run, each checked for its accuracy.
+# 2. The CLI end to end on CUDA: train digits (bf16 + channels-last + memory-efficient, fp16
+#    with the gradient scaler, CUDA graphs), eval, and a torchrun/NCCL run, each checked for its
+#    accuracy.
 # 3. benchmarks/gpu_profile.py: where a step's GPU time goes, ours against torchvision's.
 # 4. benchmarks/run.py --device cuda: the four implementations side by side (plus ours
 #    memory-efficient and torchvision plain replayed as CUDA graphs), per-measurement JSON
@@ -28,9 +29,11 @@ cli() {
   $dt train --device "$DEV" --amp bf16 --channels-last --memory-efficient --epochs 8 \
     --out "$RUNS/bf16" || return 1
   $dt train --device "$DEV" --amp fp16 --epochs 8 --out "$RUNS/fp16" || return 1
+  $dt train --device "$DEV" --amp bf16 --channels-last --memory-efficient --cuda-graphs \
+    --epochs 8 --out "$RUNS/graphs" || return 1
   torchrun --standalone --nproc_per_node=1 -m densenets train --device "$DEV" --epochs 8 \
     --memory-efficient --out "$RUNS/ddp" || return 1
-  for run in bf16 fp16 ddp; do
+  for run in bf16 fp16 graphs ddp; do
     $dt eval "$RUNS/$run" --device "$DEV" --json > "$RUNS/$run.eval.json" || return 1
     python3 - "$run" "$RUNS/$run.eval.json" <<'EOF' || return 1
 import json, sys
@@ -48,10 +51,10 @@ EOF
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
   timeout -k 10 90 python3 benchmarks/gpu_check.py --json "$DEST/gpu_check.json"
   check=$?
-  timeout -k 10 120 bash -c "$(declare -f cli); RUNS=$RUNS; cli" > "$DEST/cli.log" 2>&1
+  timeout -k 10 150 bash -c "$(declare -f cli); RUNS=$RUNS; cli" > "$DEST/cli.log" 2>&1
   cli_rc=$?
   tail -n 25 "$DEST/cli.log"
-  timeout -k 10 60 python3 benchmarks/gpu_profile.py --out "$DEST/profile.txt" > /dev/null 2>&1
+  timeout -k 10 90 python3 benchmarks/gpu_profile.py --out "$DEST/profile.txt" > /dev/null 2>&1
   prof=$?
   cat "$DEST/profile.txt" 2>/dev/null
   # stop measuring after BENCH_SECONDS (SIGINT: run.py ends its child too; stored measurements

@@ -83,6 +83,7 @@ class GraphedTrainStep:
         return self._compute(x, y)
 
     def _key(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """What a recorded graph is valid for: key[:5] the batch's layout, key[5] the rates."""
         lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
         return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, lrs)
 

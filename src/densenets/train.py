@@ -254,7 +254,7 @@ class Trainer:
         self.progress.start(epoch, self.epochs, len(loader), start)
         for b, (x, y) in enumerate(loader.batches(epoch, start), start):
             n = len(y)
-            if n:
+            if n and self.dist.enabled:
                 self._stand_in = (x, y)
             elif self.dist.enabled and self._stand_in is not None:
                 # Every image of this process's share was unreadable. The others' gradient

@@ -49,6 +49,11 @@ def test_trainer_refuses_on_cpu(tmp_path):
                 cuda_graphs=True)
 
 
+def test_bench_needs_warmup_steps_to_time_replays_only(capsys):
+    assert main(["bench", "densenet-bc-40-k12", "--cuda-graphs", "--warmup", "1"]) == 2
+    assert "--warmup 2 or more" in capsys.readouterr().err
+
+
 def test_bench_label_names_the_graphs():
     assert BenchConfig(memory_efficient=True, cuda_graphs=True).label == \
         "densenets memory_efficient + CUDA graphs"

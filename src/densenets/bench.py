@@ -130,6 +130,9 @@ class TrainStep:
         if cfg.cuda_graphs:
             from .cuda_graphs import GraphedTrainStep, check_supported
 
+            if cfg.warmup < 2:
+                raise ValueError("--cuda-graphs needs --warmup 2 or more: one eager step, then "
+                                 "one that records the graph, so that timed steps are replays")
             check_supported(self.device, None, False, cfg.compile)
             # the last warm-up step records the graph, so timed steps are replays
             self.graphed = GraphedTrainStep(model, self.opt, torch.bfloat16 if cfg.amp else None,

@@ -254,13 +254,14 @@ class Trainer:
         self.progress.start(epoch, self.epochs, len(loader), start)
         for b, (x, y) in enumerate(loader.batches(epoch, start), start):
             n = len(y)
-            if n and self.dist.enabled:
-                self._stand_in = (x, y)
-            elif self.dist.enabled and self._stand_in is not None:
-                # Every image of this process's share was unreadable. The others' gradient
-                # all-reduce waits for this process, so it joins the step with its last batch at
-                # weight 0: no gradient and no metrics from it, the same step everywhere.
-                x, y = self._stand_in
+            if self.dist.enabled:
+                if n:
+                    self._stand_in = (x, y)
+                elif self._stand_in is not None:
+                    # Every image of this process's share was unreadable. The others' gradient
+                    # all-reduce waits for this process, so it joins the step with its last
+                    # batch at weight 0: no gradient and no metrics from it, the same step.
+                    x, y = self._stand_in
             if len(y):  # else a batch of unreadable images only: skipped, but counted
                 loss, correct = self._train_step(x, y, self._loss_weight(loader, b, n))
                 if n:

@@ -14,7 +14,7 @@ if os.path.isdir(_SRC) and _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from densenets import load  # noqa: E402
-from densenets.zoo import create_model  # noqa: E402
+from densenets.factory import create_model  # noqa: E402
 
 
 def _entry(name):

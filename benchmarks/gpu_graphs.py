@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from densenets import DenseNet  # noqa: E402
-from densenets.bench import BenchConfig, run_in_subprocess  # noqa: E402
-from densenets.cuda_graphs import GraphedTrainStep  # noqa: E402
+from densenets.analysis.bench import BenchConfig, run_in_subprocess  # noqa: E402
+from densenets.training.cuda_graphs import GraphedTrainStep  # noqa: E402
 
 CONFIGS = [("densenet-bc-250-k24", 64), ("densenet-bc-100-k12", 64), ("densenet121", 256)]
 VARIANTS = [("torchvision", False, False), ("densenets", True, True),

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from densenets.bench import BenchConfig, TrainStep  # noqa: E402
+from densenets.analysis.bench import BenchConfig, TrainStep  # noqa: E402
 
 # DenseNet-121 first: its profile (bound by GPU work, not launches) was cut off the first time
 CASES = [("densenet121", 128), ("densenet-bc-100-k12", 64)]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from report import render, write_section  # noqa: E402
 
-from densenets.bench import (  # noqa: E402
+from densenets.analysis.bench import (  # noqa: E402
     BenchConfig,
     TrainStep,
     environment,
@@ -44,7 +44,8 @@ from densenets.bench import (  # noqa: E402
 
 IMPLS = [("torchvision", False), ("torchvision", True), ("densenets", False),
          ("densenets", True)]
-# on a GPU also each step replayed as a CUDA graph (densenets.cuda_graphs), ours and torchvision's
+# on a GPU also each step replayed as a CUDA graph (densenets.training.cuda_graphs), ours and
+# torchvision's
 GRAPHED = [("densenets", True), ("torchvision", False)]
 DEPTHS = [40, 100, 160, 250]
 

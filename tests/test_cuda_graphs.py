@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from densenets import DenseNet
-from densenets.bench import BenchConfig
+from densenets.analysis.bench import BenchConfig
 from densenets.cli import main
-from densenets.cuda_graphs import check_supported
-from densenets.train import Schedule, Trainer
+from densenets.training.cuda_graphs import check_supported
+from densenets.training.loop import Schedule, Trainer
 
 CUDA = torch.device("cuda")
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from densenets import data
-from densenets.data import (
+from densenets.training import data
+from densenets.training.data import (
     TensorLoader,
     holdout,
     load_cifar,
@@ -23,7 +23,12 @@ from densenets.data import (
     load_svhn,
     pad_crop_flip,
 )
-from densenets.imagefolder import FolderLoader, SafeImageFolder, eval_transform, train_transform
+from densenets.training.imagefolder import (
+    FolderLoader,
+    SafeImageFolder,
+    eval_transform,
+    train_transform,
+)
 
 # ---------------------------------------------------------------- fakes in torchvision's layout
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from densenets import DenseNet, create_model
+from densenets.analysis.diagram import diagram, network_stages
 from densenets.cli import main
-from densenets.diagram import diagram, network_stages
 
 
 def drawn_ids(svg: str, kind: str, block: int) -> list[tuple[int, ...]]:

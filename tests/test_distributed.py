@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import densenets.data as data_mod
+import densenets.training.data as data_mod
 from densenets.cli import main
-from densenets.data import ArrayData, TensorLoader, rank_slice
-from densenets.distributed import local_batch_size
+from densenets.training.batches import rank_slice
+from densenets.training.data import ArrayData, TensorLoader
+from densenets.training.distributed import local_batch_size
 
 TINY = ["--model", "densenet-bc-16-k4"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -31,8 +32,8 @@ JOB_TIMEOUT = 120  # seconds: a job that hangs fails its test instead of the sui
 
 WORKER = '''
 import os, sys, torch
-import densenets.data as data
-from densenets import train
+import densenets.training.data as data
+from densenets.training import loop as train
 from densenets.cli import main
 
 rank = int(os.environ.get("RANK", "0"))
@@ -156,7 +157,7 @@ def test_sharded_loader_splits_the_single_process_batches():
 def test_sharded_image_folder_loads_each_image_once(tmp_path):
     from PIL import Image
 
-    from densenets.imagefolder import FolderLoader, SafeImageFolder, train_transform
+    from densenets.training.imagefolder import FolderLoader, SafeImageFolder, train_transform
 
     for c, cls in enumerate(("cat", "dog")):
         (tmp_path / cls).mkdir()
@@ -274,8 +275,8 @@ def test_a_process_whose_whole_share_is_unreadable_still_joins_the_step(worker, 
     --dist-timeout: it joins the step with weight 0 and the replicas stay equal."""
     from test_data import write_image_folder
 
-    from densenets.data import epoch_order
-    from densenets.imagefolder import SafeImageFolder
+    from densenets.training.batches import epoch_order
+    from densenets.training.imagefolder import SafeImageFolder
 
     root = write_image_folder(tmp_path / "ds", per_class=6, size=16)
     samples = SafeImageFolder(root / "train", None).samples

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from densenets import DenseNet
-from densenets import efficient as eff
-from densenets.efficient_block import BlockSpec, EfficientDenseBlock
-from densenets.model import DenseBlock
+from densenets.efficient import dispatch as eff
+from densenets.efficient.block import BlockSpec, EfficientDenseBlock
+from densenets.models.densenet import DenseBlock
 
 TOL = 1e-10
 

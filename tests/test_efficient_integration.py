@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenets import DenseNet, cpu_kernels
-from densenets import efficient as eff
-from densenets.model import DenseBlock
+from densenets import DenseNet
+from densenets.efficient import cpu_kernels
+from densenets.efficient import dispatch as eff
+from densenets.models.densenet import DenseBlock
 
 
 def small(**kw) -> DenseNet:
@@ -169,7 +170,7 @@ def test_bench_verb_measures_one_configuration(capsys):
 
 def test_torchvision_twin_has_our_architecture():
     from densenets import create_model
-    from densenets.bench import torchvision_densenet
+    from densenets.analysis.bench import torchvision_densenet
 
     for name in ("densenet-bc-16-k4", "densenet121"):
         ours, theirs = create_model(name), torchvision_densenet(name)
@@ -180,7 +181,7 @@ def test_torchvision_twin_has_our_architecture():
 
 
 def test_line_and_parabola_fit():
-    from densenets.bench import fit_line_and_parabola
+    from densenets.analysis.bench import fit_line_and_parabola
 
     depths = [40, 100, 160, 250]
     line = fit_line_and_parabola(depths, [3 * d + 7 for d in depths])

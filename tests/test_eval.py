@@ -15,9 +15,9 @@ from torch import nn
 from torchvision import transforms as T
 
 from densenets import DenseNet
-from densenets.checkpoint import load_checkpoint
 from densenets.cli import main
-from densenets.evaluate import evaluate
+from densenets.training.checkpoint import load_checkpoint
+from densenets.training.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

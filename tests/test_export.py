@@ -10,7 +10,7 @@ import torch
 
 from densenets import create_model, save
 from densenets.cli import main
-from densenets.export import export, read_metadata, run_exported, within_tolerance
+from densenets.deploy.export import export, read_metadata, run_exported, within_tolerance
 
 # the [onnx] extra; the rest of the library works without it
 onnx = pytest.importorskip("onnx")

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from densenets import DenseNet, create_model, summary
-from densenets.inspect import count_params
+from densenets.analysis.summary import count_params
 
 
 def test_k12_channels_grow_by_k_and_halve_at_transitions():

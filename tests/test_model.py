@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densenets import DenseNet, create_model
-from densenets.layers import DenseLayer, Transition
+from densenets.models.layers import DenseLayer, Transition
 
 
 def tiny(**kw) -> DenseNet:

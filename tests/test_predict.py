@@ -12,8 +12,8 @@ from sklearn.datasets import load_digits
 
 from densenets import create_model, load, save
 from densenets.cli import main
-from densenets.predict import predict_files
-from densenets.weights import imagenet_class_names
+from densenets.deploy.predict import predict_files
+from densenets.weights.pretrained import imagenet_class_names
 
 NAMES = [f"digit {i}" for i in range(10)]
 

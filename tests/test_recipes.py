@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from densenets.cli import main
-from densenets.recipes import RECIPES, TrainConfig, resolve
-from densenets.train import Schedule
+from densenets.training.loop import Schedule
+from densenets.training.recipes import RECIPES, TrainConfig, resolve
 
 PAPER_OPTIMISER = dict(lr=0.1, momentum=0.9, nesterov=True, dampening=0.0, weight_decay=1e-4,
                        gamma=0.1)

@@ -16,9 +16,15 @@ import pytest
 import torch
 
 from densenets import DenseNet
+from densenets.analysis.paper import paper_error
+from densenets.analysis.report import (
+    SECTIONS,
+    build_report,
+    draw_curves,
+    read_metrics,
+    write_report,
+)
 from densenets.cli import main
-from densenets.paper import paper_error
-from densenets.report import SECTIONS, build_report, draw_curves, read_metrics, write_report
 
 # The columns `densenets train` writes (val_* only when the recipe holds out a validation set).
 COLUMNS = ["epoch", "lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err",

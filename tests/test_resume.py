@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from densenets import create_model
-from densenets.checkpoint import load_checkpoint, save_checkpoint
 from densenets.cli import main
-from densenets.data import TensorLoader, load_digits_data
-from densenets.train import Schedule, Trainer
+from densenets.training.checkpoint import load_checkpoint, save_checkpoint
+from densenets.training.data import TensorLoader, load_digits_data
+from densenets.training.loop import Schedule, Trainer
 
 TINY = ["--model", "densenet-bc-16-k4"]
 

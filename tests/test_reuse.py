@@ -12,8 +12,15 @@ import torch
 import torchvision
 
 from densenets import DenseNet
+from densenets.analysis.reuse import (
+    cell_values,
+    feature_reuse,
+    plot,
+    to_json,
+    write_csv,
+    write_json,
+)
 from densenets.cli import main
-from densenets.reuse import cell_values, feature_reuse, plot, to_json, write_csv, write_json
 
 
 def tiny(**kw) -> DenseNet:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from densenets import DenseNet
-from densenets.checkpoint import FORMAT, load_checkpoint
 from densenets.cli import main
-from densenets.data import TensorLoader, load_digits_data
-from densenets.train import Schedule, Trainer, TrainingDiverged
+from densenets.training.checkpoint import FORMAT, load_checkpoint
+from densenets.training.data import TensorLoader, load_digits_data
+from densenets.training.loop import Schedule, Trainer, TrainingDiverged
 
 TINY = ["--model", "densenet-bc-16-k8"]
 

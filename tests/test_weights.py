@@ -20,9 +20,9 @@ from densenets import (
     save,
 )
 from densenets.cli import main
-from densenets.keymap import describe_config, infer_config, remap_state_dict, to_legacy_keys
-from densenets.weights import load_into, read_checkpoint
-from densenets.zoo import model_config
+from densenets.models.zoo import model_config
+from densenets.weights.files import load_into, read_checkpoint
+from densenets.weights.keymap import describe_config, infer_config, remap_state_dict, to_legacy_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -20,8 +20,8 @@ import torchvision
 
 from densenets import create_model
 from densenets.cli import main
-from densenets.keymap import to_legacy_keys
-from densenets.weights import PRETRAINED, WeightsNotAvailableError, download_weights
+from densenets.weights.keymap import to_legacy_keys
+from densenets.weights.pretrained import PRETRAINED, WeightsNotAvailableError, download_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 from densenets import create_model, load
-from densenets.keymap import remap_state_dict, to_legacy_keys
-from densenets.weights import load_into
+from densenets.weights.files import load_into
+from densenets.weights.keymap import remap_state_dict, to_legacy_keys
 
 NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
 

@@ -7,8 +7,8 @@ import torch
 import torchvision
 
 from densenets import create_model, densenet121, densenet264, list_models
-from densenets.inspect import count_params
-from densenets.paper import TABLE2_ROWS, WIDE_SHALLOW_ROWS
+from densenets.analysis.paper import TABLE2_ROWS, WIDE_SHALLOW_ROWS
+from densenets.analysis.summary import count_params
 
 TORCHVISION_PARAMS = {"densenet121": 7_978_856, "densenet161": 28_681_000,
                       "densenet169": 14_149_480, "densenet201": 20_013_928}

@@ -1,19 +1,12 @@
 """densenets: Densely Connected Convolutional Networks for PyTorch."""
 
-from .backbone import FeatureExtractor
-from .inspect import Summary, summary
-from .layers import DenseLayer, Transition
-from .model import DenseBlock, DenseNet, DenseNetConfig
-from .weights import KeyMismatchError, load, save
-from .zoo import (
-    create_model,
-    densenet121,
-    densenet161,
-    densenet169,
-    densenet201,
-    densenet264,
-    list_models,
-)
+from .analysis.summary import Summary, summary
+from .factory import create_model, densenet121, densenet161, densenet169, densenet201, densenet264
+from .models.backbone import FeatureExtractor
+from .models.densenet import DenseBlock, DenseNet, DenseNetConfig
+from .models.layers import DenseLayer, Transition
+from .models.zoo import list_models
+from .weights.files import KeyMismatchError, load, save
 
 __version__ = "0.1.0"
 

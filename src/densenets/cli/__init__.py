@@ -1,5 +1,4 @@
-"""Command line: argument parsing only. Each verb lives in a module of this package that
-registers its parser and calls into the library."""
+"""Command line: argument parsing only; one module per group of verbs, calling into the library."""
 
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_batch(model: str, device: str) -> int:
-    from ..bench import resolve_device
-    from ..zoo import IMAGENET
+    from ..analysis.bench import resolve_device
+    from ..models.zoo import IMAGENET
 
     if model.lower() in IMAGENET:
         return 256 if resolve_device(device).type == "cuda" else 8
@@ -48,8 +48,8 @@ def _default_batch(model: str, device: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import BenchConfig, run_single
-    from ..zoo import model_config
+    from ..analysis.bench import BenchConfig, run_single
+    from ..models.zoo import model_config
 
     model_config(args.model)  # unknown names fail here, with suggestions
     for flag in ("steps", "warmup"):

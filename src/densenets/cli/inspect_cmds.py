@@ -7,8 +7,9 @@ import json
 
 from rich.table import Table
 
-from ..inspect import human, model_stats, paper_tables, summary
-from ..zoo import VARIANTS, cifar_config, create_model, list_models
+from ..analysis.summary import human, model_stats, paper_tables, summary
+from ..factory import create_model
+from ..models.zoo import VARIANTS, cifar_config, list_models
 from .output import console
 
 
@@ -65,7 +66,7 @@ def model_from_args(args: argparse.Namespace):
             raise ValueError(f"{name} needs --depth, e.g. `densenets summary {name} --depth 100`")
         k = overrides.pop("growth_rate", 12)
         cfg = {**cifar_config(name, args.depth, k), **overrides}
-        from ..model import DenseNet
+        from ..models.densenet import DenseNet
 
         return f"{name}-{args.depth}-k{k}", DenseNet(**cfg)
     if getattr(args, "depth", None) is not None:

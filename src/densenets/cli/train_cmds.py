@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed
-from ..checkpoint import load_checkpoint, remove_stale_temporaries
-from ..cuda_graphs import check_supported
-from ..data import build_data
-from ..evaluate import evaluate
-from ..model import DenseNet
-from ..recipes import RECIPES, TrainConfig, default_out_dir, resolve
-from ..runlog import write_json
-from ..train import Schedule, Trainer, TrainingDiverged
+from ..models.densenet import DenseNet
+from ..training import distributed
+from ..training.checkpoint import load_checkpoint, remove_stale_temporaries
+from ..training.cuda_graphs import check_supported
+from ..training.data import build_data
+from ..training.evaluate import evaluate
+from ..training.loop import Schedule, Trainer, TrainingDiverged
+from ..training.recipes import RECIPES, TrainConfig, default_out_dir, resolve
+from ..training.runlog import write_json
 from .inspect_cmds import add_model_overrides, model_from_args
 
 ARCH_FLAGS = ("depth", "growth_rate", "compression", "block_config", "num_init_features",
@@ -375,7 +375,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path, state = checkpoint_of_run(args.checkpoint)
     if not state.get("model_config"):
         raise ValueError(f"{args.checkpoint} has no model_config, so the network cannot be "
-                         "rebuilt; evaluate it from Python with densenets.evaluate")
+                         "rebuilt; evaluate it from Python with densenets.training.evaluate")
     stored = state.get("config") or {}
     recipe = args.recipe or stored.get("recipe") or state.get("meta", {}).get("recipe")
     if not recipe:

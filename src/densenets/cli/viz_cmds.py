@@ -70,11 +70,11 @@ def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
 
 
 def cmd_reuse(args: argparse.Namespace) -> int:
-    from .. import reuse
+    from ..analysis import reuse
 
     out = _output_path(args.output, (".png", ".svg"))
     if _is_file_spec(args.model):
-        from ..weights import read_checkpoint
+        from ..weights.files import read_checkpoint
 
         # Any DenseNet weights: our checkpoints, torchvision's (current or legacy keys), timm's,
         # DataParallel prefixes, safetensors; the matrix needs only the state dict.
@@ -98,8 +98,8 @@ def cmd_reuse(args: argparse.Namespace) -> int:
 
 
 def cmd_diagram(args: argparse.Namespace) -> int:
-    from ..diagram import diagram
-    from ..weights import load
+    from ..analysis.diagram import diagram
+    from ..weights.files import load
 
     out = _output_path(args.output, (".svg", ".png"))
     input_size = tuple(args.input_size) if args.input_size else None
@@ -127,7 +127,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import write_report
+    from ..analysis.report import write_report
 
     out = Path(args.output) if args.output else Path(args.run_dir) / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):

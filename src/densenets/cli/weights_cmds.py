@@ -13,10 +13,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..export import FORMATS, export, verify, within_tolerance
-from ..predict import predict_files, weights_meta
-from ..weights import load
-from ..zoo import create_model
+from ..deploy.export import FORMATS, export, verify, within_tolerance
+from ..deploy.predict import predict_files, weights_meta
+from ..factory import create_model
+from ..weights.files import load
 from .inspect_cmds import add_model_overrides, model_from_args
 
 _OVERRIDES = ("growth_rate", "compression", "num_init_features", "num_classes", "in_channels",

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..models.densenet import DenseNet
 from . import paper
-from .inspect import human, summary
-from .model import DenseNet
+from .summary import human, summary
 
 # Section ids in page order; tests and links rely on them.
 SECTIONS = ("configuration", "curves", "metrics", "summary", "architecture", "reuse", "epochs")
@@ -203,8 +203,8 @@ def _summary_section(model: DenseNet, input_size: tuple[int, int, int], name: st
 def build_report(run_dir: str | Path) -> str:
     """The HTML page for the run in ``run_dir`` (config.json, metrics.csv, best.pt or last.pt,
     optionally curves.png and summary.json)."""
+    from ..weights.files import load
     from . import diagram, reuse
-    from .weights import load
 
     run = Path(run_dir)
     if not run.is_dir():

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .data import DataBundle, ShardedBatches, epoch_order, preprocessing_of, rank_slice
+from .batches import DataBundle, ShardedBatches, epoch_order, preprocessing_of, rank_slice
 
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg (optionally root/test/)"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .inspect import summary
-from .model import DenseBlock, DenseNet
+from ..models.densenet import DenseBlock, DenseNet
+from .summary import summary
 
 FORMATS = (".svg", ".png")
 

@@ -10,15 +10,8 @@ other two variants ``densenet-b-{L}-k{k}`` (L = 6n + 4, 2k stem) and ``densenet-
 from __future__ import annotations
 
 import difflib
-import os
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-from .model import DenseNet
-
-if TYPE_CHECKING:
-    from .backbone import FeatureExtractor
+from typing import Any
 
 IMAGENET: dict[str, dict[str, Any]] = {
     "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
@@ -106,45 +99,3 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         )
     cfg.update(overrides)
     return cfg
-
-
-def create_model(name: str, weights: str | os.PathLike | None = None,
-                 features_only: bool = False, out_indices: Sequence[int] | None = None,
-                 **overrides: Any) -> DenseNet | FeatureExtractor:
-    """Build a zoo model by name; keyword overrides replace any DenseNet argument.
-
-    ``create_model("densenet-bc-100-k12", num_classes=100)``,
-    ``create_model("densenet121", in_channels=1, memory_efficient=True)``.
-    ``weights="imagenet"`` loads torchvision's published weights (121/161/169/201, fetched once
-    into torch.hub's cache), ``weights=PATH`` a local checkpoint; with a different
-    ``num_classes`` everything but the classifier is loaded (see :mod:`densenets.weights`).
-    ``features_only=True`` returns a backbone giving the maps after the stem and each dense
-    block (``out_indices`` picks some; see :mod:`densenets.backbone`).
-    """
-    if weights is not None:
-        from .weights import pretrained_model
-
-        model = pretrained_model(name, weights, **overrides)
-    else:
-        model = DenseNet(**model_config(name, **overrides))
-    if features_only:
-        from .backbone import FeatureExtractor
-
-        return FeatureExtractor(model, out_indices)
-    return model
-
-
-def _builder(name: str):
-    def build(**overrides: Any) -> DenseNet:
-        return create_model(name, **overrides)
-
-    build.__name__ = name
-    build.__doc__ = f"{name} ({IMAGENET[name]}); keyword overrides as in create_model."
-    return build
-
-
-densenet121 = _builder("densenet121")
-densenet161 = _builder("densenet161")
-densenet169 = _builder("densenet169")
-densenet201 = _builder("densenet201")
-densenet264 = _builder("densenet264")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .model import DenseNet
+from .densenet import DenseNet
 
 
 class FeatureInfo(list):

@@ -76,7 +76,7 @@ class DenseBlock(nn.Module):
 
     Returns the concatenation of the input and all L new maps: in + L*k channels.
     ``memory_efficient`` switches training-mode forward to the shared-buffer implementation
-    in :mod:`densenets.efficient`; parameters and outputs are the same in both modes.
+    in :mod:`densenets.efficient.dispatch`; parameters and outputs are the same in both modes.
     """
 
     def __init__(
@@ -111,7 +111,7 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memory_efficient and self.training and torch.is_grad_enabled():
-            from .efficient import efficient_block_forward
+            from ..efficient.dispatch import efficient_block_forward
 
             return efficient_block_forward(self, x)
         return self.plain_forward(x)

@@ -3,9 +3,9 @@
 torchrun starts one process per device and tells each its place through the environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). :func:`setup` reads
 it and joins the process group: NCCL when training on CUDA, gloo on the CPU. Each process then
-trains on its share of every global batch (:func:`densenets.data.rank_slice`), DDP averages
-the gradients, and evaluation sums the per-process counts, so every sample is counted exactly
-once. :class:`SyncBatchNorm2d` is batch normalisation over the global batch on any device
+trains on its share of every global batch (:func:`densenets.training.batches.rank_slice`), DDP
+averages the gradients, and evaluation sums the per-process counts, so every sample is counted
+exactly once. :class:`SyncBatchNorm2d` is batch normalisation over the global batch on any device
 (torch's own ``SyncBatchNorm`` is used on GPUs; it refuses CPU tensors).
 
 A crashed process must not leave the others waiting forever: every collective has a timeout

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .model import DenseBlock, DenseLayer, DenseNet, Transition
+from ..models.densenet import DenseBlock, DenseLayer, DenseNet, Transition
 
 
 @dataclass
@@ -189,7 +189,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
 def model_stats(name: str, **overrides) -> dict:
     """Parameters and MACs of a zoo model at its native input size, computed on the meta
     device (shapes only, no memory, no arithmetic)."""
-    from .zoo import create_model, native_input_size
+    from ..factory import create_model
+    from ..models.zoo import native_input_size
 
     with torch.device("meta"):
         model = create_model(name, **overrides)

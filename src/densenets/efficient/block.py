@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .efficient_ops import (
+from .passes import (
     bn_backward,
     bn_input_grad,
     bn_relu,

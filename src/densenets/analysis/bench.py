@@ -41,7 +41,7 @@ class BenchConfig:
     amp: bool = False  # bfloat16 autocast
     channels_last: bool = False
     compile: bool = False
-    cuda_graphs: bool = False  # replay each step as a CUDA graph (densenets.cuda_graphs)
+    cuda_graphs: bool = False  # replay each step as a CUDA graph (densenets.training.cuda_graphs)
     device: str = "auto"
     steps: int = 5
     warmup: int = 2
@@ -71,7 +71,7 @@ def torchvision_densenet(name: str, memory_efficient: bool = False) -> nn.Module
     """
     import torchvision
 
-    from .zoo import model_config
+    from ..models.zoo import model_config
 
     cfg = model_config(name)
     if not cfg.get("bottleneck", True) or cfg.get("compression", 0.5) != 0.5:
@@ -92,7 +92,7 @@ def build_model(cfg: BenchConfig) -> nn.Module:
         return torchvision_densenet(cfg.model, cfg.memory_efficient)
     if cfg.impl != "densenets":
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {cfg.impl!r}")
-    from .zoo import create_model
+    from ..factory import create_model
 
     return create_model(cfg.model, memory_efficient=cfg.memory_efficient)
 
@@ -100,7 +100,7 @@ def build_model(cfg: BenchConfig) -> nn.Module:
 def input_size(cfg: BenchConfig) -> int:
     if cfg.input_size is not None:
         return cfg.input_size
-    from .zoo import native_input_size
+    from ..models.zoo import native_input_size
 
     return native_input_size(cfg.model)[-1]
 
@@ -128,7 +128,7 @@ class TrainStep:
         self.fn = torch.compile(model) if cfg.compile else model
         self.graphed = None
         if cfg.cuda_graphs:
-            from .cuda_graphs import GraphedTrainStep, check_supported
+            from ..training.cuda_graphs import GraphedTrainStep, check_supported
 
             if cfg.warmup < 2:
                 raise ValueError("--cuda-graphs needs --warmup 2 or more: one eager step, then "
@@ -229,7 +229,7 @@ def run_single(cfg: BenchConfig) -> dict:
 def _backend(device: torch.device, cfg: BenchConfig) -> str | None:
     if cfg.impl != "densenets" or not cfg.memory_efficient:
         return None
-    from .efficient import backend
+    from ..efficient.dispatch import backend
 
     dtype = torch.bfloat16 if cfg.amp else torch.float32
     return backend(device, dtype)
@@ -241,8 +241,8 @@ def run_in_subprocess(cfg: BenchConfig, timeout: float = 1800) -> dict:
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "densenets.bench", json.dumps(asdict(cfg))],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = [sys.executable, "-m", "densenets.analysis.bench", json.dumps(asdict(cfg))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

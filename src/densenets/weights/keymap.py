@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .layers import compressed_channels
-from .model import DenseNetConfig
-from .zoo import IMAGENET, VARIANTS, model_config
+from ..models.densenet import DenseNetConfig
+from ..models.layers import compressed_channels
+from ..models.zoo import IMAGENET, VARIANTS, model_config
 
 _LEGACY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|"

@@ -2,7 +2,8 @@
 
 Small datasets (digits, CIFAR, SVHN) are held whole as one uint8 tensor on the training device
 and batched, normalised and augmented there: no worker processes, no per-image Python. Image
-folders (ImageNet, your own data) stream through :mod:`densenets.imagefolder`.
+folders (ImageNet, your own data) stream through :mod:`densenets.training.imagefolder`; the
+batch arithmetic all loaders share is :mod:`densenets.training.batches`.
 
 Every loader has ``batches(epoch, start)``: the order and the augmentation of an epoch are a
 pure function of (seed, epoch), so a run resumed mid-epoch sees exactly the batches it missed.
@@ -19,12 +20,22 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .digest import file_digest
+from ..digest import file_digest
+from .batches import (
+    DataBundle,
+    Loader,
+    ShardedBatches,
+    epoch_generator,
+    epoch_order,
+    preprocessing_of,
+    rank_slice,
+)
+from .imagefolder import build_folder_data
 
 SPLIT_SEED = 0  # the digits split and every validation hold-out are fixed, whatever --seed is
 
@@ -63,17 +74,6 @@ class ArrayData:
 
     def subset(self, index: torch.Tensor) -> ArrayData:
         return ArrayData(self.images[index], self.labels[index], self.class_names)
-
-
-class Loader(Protocol):
-    """What the training loop iterates: batches of (images, labels) for one epoch."""
-
-    num_samples: int
-
-    def __len__(self) -> int: ...
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ...
 
 
 # ---------------------------------------------------------------------------- file formats
@@ -221,62 +221,6 @@ def holdout(data: ArrayData, n: int) -> tuple[ArrayData, ArrayData]:
     return data.subset(order[:-n].sort().values), data.subset(order[-n:].sort().values)
 
 
-# ---------------------------------------------------------------------------- batching
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The random source of one epoch's order and augmentation (independent of global RNG)."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-
-
-def rank_slice(n: int, rank: int, world_size: int) -> slice:
-    """Process ``rank``'s contiguous part of ``n`` items: sizes differ by at most one, the parts
-    of all processes cover each item exactly once (no padding, no repeats)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool,
-                g: torch.Generator | None = None) -> torch.Tensor:
-    """The sample order of an epoch; the one place a distributed run would shard it."""
-    if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=g if g is not None else epoch_generator(seed, epoch))
-
-
-_Loader = TypeVar("_Loader", bound="ShardedBatches")
-
-
-class ShardedBatches:
-    """Global batches of ``batch_size`` over ``num_samples`` items, of which this process
-    loads part ``rank`` of ``world_size`` (the batch arithmetic shared by the loaders)."""
-
-    num_samples: int
-    batch_size: int
-    rank: int
-    world_size: int
-    keep_tail: bool
-
-    def shard(self: _Loader, rank: int, world_size: int, keep_tail: bool = True) -> _Loader:
-        """Yield only process ``rank``'s part of every global batch of ``batch_size``.
-
-        The global batches (and their augmentation) are those of a single process, so a job
-        of any size trains on the same data. Without ``keep_tail`` a last batch smaller than
-        ``world_size`` is dropped (a process with no image would idle through a step).
-        """
-        self.rank, self.world_size, self.keep_tail = rank, world_size, keep_tail
-        return self
-
-    def __len__(self) -> int:
-        full, tail = divmod(self.num_samples, self.batch_size)
-        return full + (tail > 0 and (self.keep_tail or tail >= self.world_size))
-
-    def global_size(self, b: int) -> int:
-        """Images in global batch ``b`` over all processes."""
-        return min(self.batch_size, self.num_samples - b * self.batch_size)
-
-
 class TensorLoader(ShardedBatches):
     """Batches of an in-memory dataset, normalised and augmented on the device.
 
@@ -340,36 +284,15 @@ def pad_crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor,
 # ---------------------------------------------------------------------------- per recipe
 
 
-@dataclass
-class DataBundle:
-    """The loaders of a run by split name, with what a checkpoint must remember about them."""
-
-    loaders: dict[str, Loader]
-    class_names: list[str]
-    in_channels: int
-    preprocessing: dict[str, Any]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def preprocessing_of(cfg) -> dict[str, Any]:
-    """The inference preprocessing a checkpoint records (pixels in [0, 1], then normalised)."""
-    return {"resize": cfg.resize, "crop": cfg.crop, "mean": list(cfg.mean),
-            "std": list(cfg.std), "interpolation": "bilinear"}
-
-
 def build_data(cfg, device: str | torch.device = "cpu", splits=("train", "val", "test"),
                ten_crop: bool = False) -> DataBundle:
-    """Loaders for ``splits`` of the dataset a :class:`~densenets.recipes.TrainConfig` names.
+    """Loaders for ``splits`` of the dataset a :class:`~densenets.training.recipes.TrainConfig`
+    names.
 
     ``val`` is included only when the run holds images out (``val_split``) or, for folders,
     when a ``val/`` folder exists; asking for a split that does not exist raises ValueError.
     """
     if cfg.dataset == "folder":
-        from .imagefolder import build_folder_data
-
         return build_folder_data(cfg, device, splits, ten_crop)
     if ten_crop:
         raise ValueError("--ten-crop is the ImageNet evaluation (recipes imagenet and folder); "

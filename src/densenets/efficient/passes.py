@@ -1,9 +1,9 @@
 """The elementary passes of the memory-efficient dense block, over NHWC matrices [M, c].
 
 Each pass has two implementations with the same results: fused C kernels
-(:mod:`densenets.cpu_kernels`) for float32/float64 on CPU, where the passes are bound by memory
-bandwidth, and PyTorch operations everywhere else (GPU, half precision, no C compiler). The
-``native`` argument picks one; a block decides once per step so forward and backward agree.
+(:mod:`densenets.efficient.cpu_kernels`) for float32/float64 on CPU, where the passes are bound
+by memory bandwidth, and PyTorch operations everywhere else (GPU, half precision, no C compiler).
+The ``native`` argument picks one; a block decides once per step so forward and backward agree.
 """
 
 from __future__ import annotations

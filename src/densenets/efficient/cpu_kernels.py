@@ -1,10 +1,10 @@
 """Fused CPU kernels for the memory-efficient dense block, compiled on first use.
 
 On CPU the block's elementwise passes are bound by memory bandwidth; the C kernels in
-``_efficient_kernels.c`` do in one pass what takes PyTorch three to six. They are built with
+``cpu_kernels.c`` do in one pass what takes PyTorch three to six. They are built with
 the system C compiler into a per-user cache the first time a float32/float64 CPU block trains,
 and loaded with ctypes (no PyTorch headers, about a second to build). Without a compiler, or
-with ``DENSENETS_NATIVE=0``, :mod:`densenets.efficient_ops` uses PyTorch operations instead:
+with ``DENSENETS_NATIVE=0``, :mod:`densenets.efficient.passes` uses PyTorch operations instead:
 same results, slower.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("_efficient_kernels.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]
 # Tried in order: compilers without OpenMP or -march=native (Apple clang, say) still get a build.
 _EXTRA_FLAGS = [["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []]

@@ -5,7 +5,7 @@ The loop knows nothing of DenseNet: it takes a module, a training loader with
 (``metrics.csv``, ``curves.png``, ``last.pt``, ``best.pt``, ``summary.json``) through one
 function, saves atomically, stops cleanly on SIGINT/SIGTERM (finishing the step and saving a
 mid-epoch checkpoint), stops on a non-finite loss without overwriting the last good checkpoint,
-and resumes bit for bit. Under torchrun (``dist``, see :mod:`densenets.distributed`) every
+and resumes bit for bit. Under torchrun (``dist``, see :mod:`densenets.training.distributed`) every
 process runs this loop on its share of each batch; only rank 0 writes and prints, the
 processes agree at fixed steps whether to stop (a signal, a non-finite loss), and evaluation
 sums the counts of all processes.

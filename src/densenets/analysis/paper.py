@@ -1,6 +1,6 @@
 """The paper's published figures, as data: Tables 1-3 and torchvision's reference accuracies.
 
-Everything here is quoted, not computed; :mod:`densenets.inspect` computes ours beside it.
+Everything here is quoted, not computed; :mod:`densenets.analysis.summary` computes ours beside it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-/* Fused CPU kernels of the memory-efficient dense block (see efficient_ops.py).
+/* Fused CPU kernels of the memory-efficient dense block (see passes.py).
  *
  * Every matrix is row-major [M, c] with a leading dimension (row stride) ld >= c: one row per
  * pixel, one column per channel. On CPU these passes are memory bound, so each kernel reads and
@@ -36,12 +36,12 @@ static void partials_sum(const double *p, int nt, i64 width, double *out) {
 
 #define REAL float
 #define SUF(name) name##_f32
-#include "_efficient_kernels.c"
+#include "cpu_kernels.c"
 #undef REAL
 #undef SUF
 #define REAL double
 #define SUF(name) name##_f64
-#include "_efficient_kernels.c"
+#include "cpu_kernels.c"
 
 #else /* the kernels, for one REAL type */
 #define T REAL

@@ -2,7 +2,7 @@
 
 A direct dense block concatenates all earlier maps before every layer and keeps each
 concatenation and its BN output for backward, so activation memory grows with the square of
-the depth. Here (see :mod:`densenets.efficient_ops` for the arithmetic):
+the depth. Here (see :mod:`densenets.efficient.passes` for the arithmetic):
 
 - one buffer per block holds all of its channels; layer l writes its k new channels into its
   slice and reads the prefix as a view, so nothing is concatenated or copied twice;
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .efficient_block import BlockSpec, EfficientDenseBlock
-from .efficient_ops import clear_workspaces
+from .block import BlockSpec, EfficientDenseBlock
+from .passes import clear_workspaces
 
 __all__ = ["backend", "clear_workspaces", "efficient_block_forward", "unsupported_reason"]
 
@@ -108,7 +108,7 @@ def backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float
 
 @torch.compiler.disable
 def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Training-mode forward of a :class:`~densenets.model.DenseBlock` through the shared
+    """Training-mode forward of a :class:`~densenets.models.densenet.DenseBlock` through the shared
     buffer; same outputs, gradients and running statistics as the plain forward.
 
     Falls back to the plain forward (with a one-time warning) for blocks the fused path does

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .weights import complete_meta
+from ..weights.pretrained import complete_meta
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 

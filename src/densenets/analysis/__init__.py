@@ -1,0 +1,1 @@
+"""Reading models, never training them: summary, the paper's figures, reuse, diagrams, bench."""

@@ -1,0 +1,1 @@
+"""Models leaving the library: export (ONNX, TorchScript, torch.export) and prediction."""

@@ -1,0 +1,1 @@
+"""The architectures: layers (H_l, transition), DenseNet, its named configurations, backbone."""

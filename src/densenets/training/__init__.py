@@ -1,0 +1,1 @@
+"""Training: recipes as data, datasets and loaders, the loop, evaluation, checkpoints, DDP."""

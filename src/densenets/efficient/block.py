@@ -71,125 +71,136 @@ class EfficientDenseBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        n, c0, h, w = x.shape
-        m, c_out, k, b = n * h * w, spec.out_channels, spec.growth_rate, spec.inter_channels
-        cdt, acc, dev, native = spec.compute_dtype, spec.acc_dtype, x.device, spec.native
-        if m <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {tuple(x.shape)}")
-        # Channels-last callers get this buffer itself; others a contiguous copy of it.
-        shape = (n, h, w, c_out)
-        out = (torch.empty(shape, dtype=cdt, device=dev) if spec.channels_last_input
-               else workspace("out", shape, cdt, dev))
-        out[..., :c0].copy_(x.permute(0, 2, 3, 1))
-        out = out.view(m, c_out)
-        xhat = torch.empty((m, c_out), dtype=cdt, device=dev)
-        mean = torch.empty(c_out, dtype=acc, device=dev)
-        var, invstd = torch.empty_like(mean), torch.empty_like(mean)
-        mean[:c0], var[:c0], invstd[:c0] = normalise(out[:, :c0], xhat[:, :c0], spec.eps1, acc,
-                                                     native)
-        xhat2 = torch.empty((spec.num_layers, m, b), dtype=cdt, device=dev) if b else None
-        stats2, noises = [], []
-        for i in range(spec.num_layers):
-            c = c0 + i * k
-            p = spec.drop_rates[i]
-            g1, b1, w1, *rest = spec.layer_params(params, i)
-            if b:
-                g2, b2, w2 = rest
-                z = xhat2[i]
-                w1t = w1.to(cdt).view(b, c).t()
-                for r in row_chunks(m, c, dev):
-                    a = bn_relu(xhat[r, :c], g1, b1, workspace("a", (r.stop - r.start, c), cdt,
-                                                                dev), native)
-                    torch.mm(a, w1t, out=z[r])
-                if p > 0:
-                    noises.append(dropout_noise((n, b, h, w), p, cdt, dev,
-                                                spec.channels_last_input))
-                    z.mul_(noises[-1])
-                hidden = workspace("b", (m, b), cdt, dev)
-                stats2.append(normalise(z, z, spec.eps2, acc, native, relu=(g2, b2, hidden)))
-                new = conv(nchw(hidden, n, h, w), w2.to(cdt), 1)
-            else:
-                a = bn_relu(xhat[:, :c], g1, b1, workspace("a", (m, c), cdt, dev), native)
-                new = conv(nchw(a, n, h, w), w1.to(cdt), 1)
-            new = nhwc(new)
-            if p > 0:
-                noises.append(dropout_noise((n, k, h, w), p, cdt, dev, spec.channels_last_input))
-                new = new * noises[-1]
-            mean[c:c + k], var[c:c + k], invstd[c:c + k] = normalise(
-                new, xhat[:, c:c + k], spec.eps1, acc, native, copy=out[:, c:c + k])
-        spec.stats = {"mean": mean, "var": var, "count": m,
-                      "mean2": [s[0] for s in stats2], "var2": [s[1] for s in stats2]}
-        ctx.spec, ctx.shape = spec, (n, c0, h, w)
-        ctx.counts = (len(params), len(stats2), len(noises))
+        result, saved, spec.stats = forward_passes(spec, x, params)
+        ctx.spec, ctx.shape, ctx.n_params = spec, tuple(x.shape), len(params)
         # saved through autograd, which frees them after backward (unless retain_graph)
-        ctx.save_for_backward(*params, xhat, invstd, *([xhat2] if b else []),
-                              *(st[2] for st in stats2), *noises)
-        result = nchw(out, n, h, w)
-        return result if spec.channels_last_input else result.contiguous()
+        ctx.save_for_backward(*params, *saved)
+        return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        spec: BlockSpec = ctx.spec
-        saved = list(ctx.saved_tensors)
-        n_params, n_stats2, _ = ctx.counts
-        params, (xhat, invstd) = saved[:n_params], saved[n_params:n_params + 2]
-        rest = saved[n_params + 2:]
-        xhat2, rest = (rest[0], rest[1:]) if spec.inter_channels else (None, rest)
-        invstd2, noises = rest[:n_stats2], rest[n_stats2:]
-        n, c0, h, w = ctx.shape
-        m, c_out, k, b = n * h * w, spec.out_channels, spec.growth_rate, spec.inter_channels
-        cdt, acc, dev, native = spec.compute_dtype, spec.acc_dtype, grad_out.device, spec.native
-        grad_out = nhwc(grad_out.to(cdt))
-        if native and grad_out.stride(1) != 1:
-            grad_out = grad_out.contiguous()
-        # g_sum[:, j] = sum over readers l of gamma1_l[j] * dL/dy1_l[:, j] (y1 = BN1 output)
-        g_sum = workspace("g_sum", (m, c_out), acc, dev)
-        grads: list[torch.Tensor | None] = [None] * len(params)
-        last = spec.num_layers - 1
-        for i in reversed(range(spec.num_layers)):
-            c = c0 + i * k
-            p = spec.drop_rates[i]
-            g1, b1, w1, *rest = spec.layer_params(params, i)
-            if i == last:  # no reader: only the block output's gradient
-                d_new = grad_out[:, c:c + k]
-            else:
-                d_new = bn_input_grad(g_sum[:, c:c + k], xhat[:, c:c + k], invstd[c:c + k],
-                                      grad_out[:, c:c + k], workspace("d_new", (m, k), acc, dev),
-                                      acc, native)
-            if p > 0:
-                d_new = d_new * noises.pop()
-            d_new = nchw(d_new.to(cdt).contiguous(), n, h, w)
-            if b:
-                g2, b2, w2 = rest
-                z = xhat2[i]
-                hidden = bn_relu(z, g2, b2, workspace("b", (m, b), cdt, dev), native)
-                d_hidden, dw2 = conv_grads(d_new, nchw(hidden, n, h, w), w2.to(cdt), 1)
-                d_hidden = nhwc(d_hidden)
-                dz, dg2, db2 = bn_backward(d_hidden, z, hidden, g2, b2, invstd2[i], acc,
-                                           native)
-                if p > 0:
-                    dz = dz * noises.pop()
-                dw1, dg1, db1 = _conv1x1_backward(dz.to(cdt), w1.to(cdt).view(b, c), xhat[:, :c],
-                                                  g1, b1, g_sum[:, :c], i != last, acc, native)
-                dw1 = dw1.view_as(w1)
-                grads[6 * i + 3: 6 * i + 6] = [dg2.to(g2.dtype), db2.to(b2.dtype),
-                                               dw2.to(w2.dtype)]
-            else:
-                a = bn_relu(xhat[:, :c], g1, b1, workspace("a", (m, c), cdt, dev), native)
-                da, dw1 = conv_grads(d_new, nchw(a, n, h, w), w1.to(cdt), 1)
-                # the last layer reads every earlier channel: it writes g_sum, others add to it
-                dg1, db1 = bn_relu_backward(nhwc(da), a, xhat[:, :c], g1, b1, g_sum[:, :c],
-                                            accumulate=i != last, acc=acc, native=native)
-            j = (6 if b else 3) * i
-            grads[j: j + 3] = [dg1.to(g1.dtype), db1.to(b1.dtype), dw1.to(w1.dtype)]
-        dx = bn_input_grad(g_sum[:, :c0], xhat[:, :c0], invstd[:c0], grad_out[:, :c0],
-                           torch.empty((m, c0), dtype=acc, device=dev), acc, native)
-        dx = nchw(dx.to(cdt), n, h, w)
-        if not spec.channels_last_input:
-            dx = dx.contiguous()
+        saved = ctx.saved_tensors
+        params, rest = saved[:ctx.n_params], saved[ctx.n_params:]
+        dx, grads = backward_passes(ctx.spec, ctx.shape, grad_out, params, rest)
         return (None, dx, *grads)
+
+
+def forward_passes(spec: BlockSpec, x: torch.Tensor, params) -> tuple[torch.Tensor, list, dict]:
+    """The block's forward with the C kernels or PyTorch operations: (output, tensors for
+    :func:`backward_passes`, batch statistics for the running-statistics update)."""
+    n, c0, h, w = x.shape
+    m, c_out, k, b = n * h * w, spec.out_channels, spec.growth_rate, spec.inter_channels
+    cdt, acc, dev, native = spec.compute_dtype, spec.acc_dtype, x.device, spec.native
+    if m <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {tuple(x.shape)}")
+    # Channels-last callers get this buffer itself; others a contiguous copy of it.
+    shape = (n, h, w, c_out)
+    out = (torch.empty(shape, dtype=cdt, device=dev) if spec.channels_last_input
+           else workspace("out", shape, cdt, dev))
+    out[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    out = out.view(m, c_out)
+    xhat = torch.empty((m, c_out), dtype=cdt, device=dev)
+    mean = torch.empty(c_out, dtype=acc, device=dev)
+    var, invstd = torch.empty_like(mean), torch.empty_like(mean)
+    mean[:c0], var[:c0], invstd[:c0] = normalise(out[:, :c0], xhat[:, :c0], spec.eps1, acc,
+                                                 native)
+    xhat2 = torch.empty((spec.num_layers, m, b), dtype=cdt, device=dev) if b else None
+    stats2, noises = [], []
+    for i in range(spec.num_layers):
+        c = c0 + i * k
+        p = spec.drop_rates[i]
+        g1, b1, w1, *rest = spec.layer_params(params, i)
+        if b:
+            g2, b2, w2 = rest
+            z = xhat2[i]
+            w1t = w1.to(cdt).view(b, c).t()
+            for r in row_chunks(m, c, dev):
+                a = bn_relu(xhat[r, :c], g1, b1, workspace("a", (r.stop - r.start, c), cdt,
+                                                            dev), native)
+                torch.mm(a, w1t, out=z[r])
+            if p > 0:
+                noises.append(dropout_noise((n, b, h, w), p, cdt, dev,
+                                            spec.channels_last_input))
+                z.mul_(noises[-1])
+            hidden = workspace("b", (m, b), cdt, dev)
+            stats2.append(normalise(z, z, spec.eps2, acc, native, relu=(g2, b2, hidden)))
+            new = conv(nchw(hidden, n, h, w), w2.to(cdt), 1)
+        else:
+            a = bn_relu(xhat[:, :c], g1, b1, workspace("a", (m, c), cdt, dev), native)
+            new = conv(nchw(a, n, h, w), w1.to(cdt), 1)
+        new = nhwc(new)
+        if p > 0:
+            noises.append(dropout_noise((n, k, h, w), p, cdt, dev, spec.channels_last_input))
+            new = new * noises[-1]
+        mean[c:c + k], var[c:c + k], invstd[c:c + k] = normalise(
+            new, xhat[:, c:c + k], spec.eps1, acc, native, copy=out[:, c:c + k])
+    stats = {"mean": mean, "var": var, "count": m,
+             "mean2": [s[0] for s in stats2], "var2": [s[1] for s in stats2]}
+    saved = [xhat, invstd, *([xhat2] if b else []), *(st[2] for st in stats2), *noises]
+    result = nchw(out, n, h, w)
+    return (result if spec.channels_last_input else result.contiguous()), saved, stats
+
+
+def backward_passes(spec: BlockSpec, shape: tuple, grad_out: torch.Tensor, params, saved):
+    """Backward of :func:`forward_passes` given its saved tensors: (dL/dx, parameter grads)."""
+    xhat, invstd, *rest = saved
+    xhat2, rest = (rest[0], rest[1:]) if spec.inter_channels else (None, rest)
+    n_stats2 = spec.num_layers if spec.inter_channels else 0
+    invstd2, noises = list(rest[:n_stats2]), list(rest[n_stats2:])
+    n, c0, h, w = shape
+    m, c_out, k, b = n * h * w, spec.out_channels, spec.growth_rate, spec.inter_channels
+    cdt, acc, dev, native = spec.compute_dtype, spec.acc_dtype, grad_out.device, spec.native
+    grad_out = nhwc(grad_out.to(cdt))
+    if native and grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    # g_sum[:, j] = sum over readers l of gamma1_l[j] * dL/dy1_l[:, j] (y1 = BN1 output)
+    g_sum = workspace("g_sum", (m, c_out), acc, dev)
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    last = spec.num_layers - 1
+    for i in reversed(range(spec.num_layers)):
+        c = c0 + i * k
+        p = spec.drop_rates[i]
+        g1, b1, w1, *rest = spec.layer_params(params, i)
+        if i == last:  # no reader: only the block output's gradient
+            d_new = grad_out[:, c:c + k]
+        else:
+            d_new = bn_input_grad(g_sum[:, c:c + k], xhat[:, c:c + k], invstd[c:c + k],
+                                  grad_out[:, c:c + k], workspace("d_new", (m, k), acc, dev),
+                                  acc, native)
+        if p > 0:
+            d_new = d_new * noises.pop()
+        d_new = nchw(d_new.to(cdt).contiguous(), n, h, w)
+        if b:
+            g2, b2, w2 = rest
+            z = xhat2[i]
+            hidden = bn_relu(z, g2, b2, workspace("b", (m, b), cdt, dev), native)
+            d_hidden, dw2 = conv_grads(d_new, nchw(hidden, n, h, w), w2.to(cdt), 1)
+            d_hidden = nhwc(d_hidden)
+            dz, dg2, db2 = bn_backward(d_hidden, z, hidden, g2, b2, invstd2[i], acc,
+                                       native)
+            if p > 0:
+                dz = dz * noises.pop()
+            dw1, dg1, db1 = _conv1x1_backward(dz.to(cdt), w1.to(cdt).view(b, c), xhat[:, :c],
+                                              g1, b1, g_sum[:, :c], i != last, acc, native)
+            dw1 = dw1.view_as(w1)
+            grads[6 * i + 3: 6 * i + 6] = [dg2.to(g2.dtype), db2.to(b2.dtype),
+                                           dw2.to(w2.dtype)]
+        else:
+            a = bn_relu(xhat[:, :c], g1, b1, workspace("a", (m, c), cdt, dev), native)
+            da, dw1 = conv_grads(d_new, nchw(a, n, h, w), w1.to(cdt), 1)
+            # the last layer reads every earlier channel: it writes g_sum, others add to it
+            dg1, db1 = bn_relu_backward(nhwc(da), a, xhat[:, :c], g1, b1, g_sum[:, :c],
+                                        accumulate=i != last, acc=acc, native=native)
+        j = (6 if b else 3) * i
+        grads[j: j + 3] = [dg1.to(g1.dtype), db1.to(b1.dtype), dw1.to(w1.dtype)]
+    dx = bn_input_grad(g_sum[:, :c0], xhat[:, :c0], invstd[:c0], grad_out[:, :c0],
+                       torch.empty((m, c0), dtype=acc, device=dev), acc, native)
+    dx = nchw(dx.to(cdt), n, h, w)
+    if not spec.channels_last_input:
+        dx = dx.contiguous()
+    return dx, grads
 
 
 def _conv1x1_backward(dz, w1, xhat, g1, b1, g_sum, accumulate: bool, acc, native: bool):

@@ -18,13 +18,14 @@ model's: a checkpoint moves freely between the modes.
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import torch
 from torch import nn
 
-from . import cpu_kernels
-from .block import BlockSpec, EfficientDenseBlock
+from . import cpu_kernels, ops  # noqa: F401  (ops registers the densenets:: custom operators)
 from .passes import clear_workspaces
 
 __all__ = ["backend", "clear_workspaces", "efficient_block_forward", "unsupported_reason"]
@@ -93,26 +94,100 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
     if not bn.track_running_stats or bn.running_mean is None:
         return
     bn.num_batches_tracked.add_(1)
-    f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if bn.momentum is not None:
+        f = bn.momentum
+    elif torch.compiler.is_compiling():  # a tensor: no graph break on the count
+        f = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+    else:
+        f = 1.0 / float(bn.num_batches_tracked)
     bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
     unbiased = var * (count / (count - 1))
     bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
 
 
+KERNEL_CHOICES = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or installed without a working build
+        return False
+    return True
+
+
+def _triton_problem(device_type: str, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot run on ``device_type``/``dtype``, or None."""
+    if not _triton_importable():
+        return "Triton is not installed (pip install triton)"
+    if dtype not in _TRITON_DTYPES:
+        return f"they take float32, bfloat16 or float16, not {dtype}"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "on a CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1"
+    if device_type not in ("cpu", "cuda"):
+        return f"they run on CUDA (or a CPU through the interpreter), not {device_type}"
+    return None
+
+
 def backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """Which implementation of the block's elementwise passes trains on ``device``/``dtype``:
-    "native" (fused C kernels, CPU float32/float64) or "torch" (PyTorch operations)."""
+    """Which implementation of the block's passes trains on ``device``/``dtype``: "triton"
+    (fused GPU kernels), "native" (fused C kernels, CPU float32/float64) or "torch" (PyTorch
+    operations).
+
+    ``DENSENETS_KERNELS`` overrides the default (auto: Triton on CUDA for float32/bfloat16/
+    float16, the C kernels on CPU, PyTorch operations otherwise): ``triton`` forces the Triton
+    kernels anywhere and raises if they cannot run; ``torch`` forces PyTorch operations.
+    """
+    device_type = torch.device(device).type
+    choice = (os.environ.get("DENSENETS_KERNELS") or "auto").strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"DENSENETS_KERNELS={choice!r}: expected one of "
+                         f"{', '.join(KERNEL_CHOICES)}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        problem = _triton_problem(device_type, dtype)
+        if problem is not None:
+            raise RuntimeError(f"DENSENETS_KERNELS=triton, but the Triton kernels cannot run: "
+                               f"{problem}")
+        return "triton"
+    if device_type == "cuda" and dtype in _TRITON_DTYPES:
+        if _triton_importable():
+            return "triton"
+        _warn_once("Triton is not installed: the memory-efficient blocks run as PyTorch "
+                   "operations on CUDA (slower; pip install triton)")
+        return "torch"
+    if device_type != "cpu":
+        return "torch"
     probe = torch.empty(0, device=device, dtype=dtype)
     return "native" if cpu_kernels.usable(probe) else "torch"
 
 
-@torch.compiler.disable
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"densenets: {message}", stacklevel=3)
+
+
+@torch.compiler.assume_constant_result
+def _kernels_for(device_type: str, dtype: torch.dtype, params_match: bool) -> str:
+    """:func:`backend`, constant for torch.compile (it reads the environment and may build the
+    C kernels: nothing to trace); the C kernels also need the parameters in the compute
+    dtype."""
+    choice = backend(device_type, dtype)
+    return "torch" if choice == "native" and not params_match else choice
+
+
 def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Training-mode forward of a :class:`~densenets.models.densenet.DenseBlock` through the shared
     buffer; same outputs, gradients and running statistics as the plain forward.
 
     Falls back to the plain forward (with a one-time warning) for blocks the fused path does
-    not cover; :func:`unsupported_reason` says why.
+    not cover; :func:`unsupported_reason` says why. The block runs as the custom operator
+    ``densenets::dense_block`` (:mod:`densenets.efficient.ops`), so torch.compile traces
+    through it.
     """
     reason = unsupported_reason(block)
     if reason is not None:
@@ -122,31 +197,23 @@ def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
                           stacklevel=2)
         return block.plain_forward(x)
     layers = block.layers
-    cdt, acc = _compute_dtypes(x)
+    cdt, _ = _compute_dtypes(x)
     params = _params(block)
     bottleneck = layers[0].bottleneck
-    spec = BlockSpec(
-        in_channels=x.shape[1],
-        growth_rate=block.growth_rate,
-        num_layers=len(layers),
-        bottleneck=bottleneck,
-        inter_channels=layers[0].conv1.out_channels if bottleneck else 0,
-        drop_rates=[layer.drop_rate if layer.training else 0.0 for layer in layers],
-        eps1=layers[0].norm1.eps,
-        eps2=layers[0].norm2.eps if bottleneck else 0.0,
-        compute_dtype=cdt,
-        acc_dtype=acc,
-        channels_last_input=x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous(),
-        native=backend(x.device, cdt) == "native" and all(p.dtype == cdt for p in params),
-    )
+    kernels = _kernels_for(x.device.type, cdt, all(p.dtype == cdt for p in params))
     with torch.autocast(x.device.type, enabled=False):
-        out = EfficientDenseBlock.apply(spec, x.to(cdt), *params)
-    stats, count = spec.stats, spec.stats["count"]
+        outs = torch.ops.densenets.dense_block(
+            x.to(cdt), params, block.growth_rate,
+            layers[0].conv1.out_channels if bottleneck else 0,
+            [layer.drop_rate if layer.training else 0.0 for layer in layers],
+            layers[0].norm1.eps, layers[0].norm2.eps if bottleneck else 0.0,
+            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+            kernels)
+    out, mean, var, mean2, var2 = outs[:5]
+    count = x.shape[0] * x.shape[2] * x.shape[3]
     for i, layer in enumerate(layers):
-        c = spec.in_channels + i * spec.growth_rate
-        _update_running_stats(layer.norm1, stats["mean"][:c], stats["var"][:c], count)
+        c = x.shape[1] + i * block.growth_rate
+        _update_running_stats(layer.norm1, mean[:c], var[:c], count)
         if bottleneck:
-            _update_running_stats(layer.norm2, stats["mean2"][i], stats["var2"][i], count)
-    spec.stats = {}
+            _update_running_stats(layer.norm2, mean2[i], var2[i], count)
     return out

@@ -15,8 +15,11 @@ socket closes, and torchrun stops the whole job when one worker exits with an er
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -127,13 +130,34 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[D
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), rank=rank,
-                                world_size=world, **kwargs)
+                                world_size=world, store=_attempt_store(timeout_s), **kwargs)
     except dist.DistError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConnectionError(f"process {rank} of {world} could not join the job ({first}); "
                               "check --rdzv-endpoint / MASTER_ADDR:MASTER_PORT and that every "
                               "node can reach it") from e
     return Dist(rank, world, local, backend, timeout_s), device
+
+
+_GROUPS = itertools.count()  # process groups this process joined (train, then eval, ...)
+
+
+def _attempt_store(timeout_s: float) -> dist.Store | None:
+    """Keys of this attempt of the job alone in torchrun's store (None: env:// as usual).
+
+    torchrun's agent keeps one store for every attempt of an elastic job, and a process group
+    leaves its peers' addresses there, so the group of a restart could read its predecessor's
+    and fail to connect, or hang (torch issue 135712). Each attempt, and each group within
+    it, gets its own prefix. The restart count is the same on every process of one node; on
+    several nodes set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun instead, which gives
+    every attempt a fresh store (docs/distributed.md).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timedelta(seconds=timeout_s))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"densenets/attempt{attempt}/group{next(_GROUPS)}", base)
 
 
 def teardown(clean: bool = True) -> None:
@@ -147,6 +171,23 @@ def teardown(clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined(device: torch.device,
+           timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[Dist, torch.device]]:
+    """:func:`setup` for the length of a ``with`` block, then :func:`teardown` (waiting for
+    the others only when the block ended normally). A failure to join is a ValueError."""
+    try:
+        d, device = setup(device, timeout_s)
+    except ConnectionError as e:
+        raise ValueError(str(e)) from e
+    clean = False
+    try:
+        yield d, device
+        clean = True
+    finally:
+        teardown(clean)
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:
@@ -185,7 +226,8 @@ def lost_peer_message(error: BaseException, d: Dist, run_dir: os.PathLike | str)
     return (f"process {d.rank} of {d.world_size} lost the others ({first}): another process "
             "crashed, was killed or stopped answering (its own message or torchrun's report "
             f"says why; waiting is bounded by --dist-timeout {d.timeout_s:g} s). The last "
-            f"finished epoch is in {run_dir}/last.pt: continue with --resume {run_dir}")
+            f"checkpoint is {run_dir}/last.pt: continue with --resume {run_dir} (under torchrun "
+            "--max-restarts, --auto-resume continues by itself)")
 
 
 # ---------------------------------------------------------------------------- SyncBatchNorm

@@ -110,7 +110,7 @@ class Trainer:
                  weight_decay: float = 1e-4, device: str | torch.device = "cpu",
                  amp: str | None = None, channels_last: bool = False, compile: bool = False,
                  cuda_graphs: bool = False, select_on: str | None = None,
-                 stop_after: int | None = None,
+                 stop_after: int | None = None, save_every: int | None = None,
                  checkpoint_extra: dict[str, Any] | None = None,
                  summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
                  progress: bool | None = None, log: Callable[[str], None] | None = None,
@@ -125,6 +125,9 @@ class Trainer:
         self.eval_loaders = eval_loaders
         self.epochs, self.schedule, self.run_dir = epochs, schedule, Path(run_dir)
         self.amp, self.channels_last, self.stop_after = amp, channels_last, stop_after
+        if save_every is not None and save_every < 1:
+            raise ValueError(f"--save-every must be >= 1 optimiser step, got {save_every}")
+        self.save_every = save_every  # also write last.pt every N steps, not only per epoch
         self.select_on = select_on or ("val" if "val" in eval_loaders else
                                        next(iter(eval_loaders), None))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=schedule.lr,
@@ -220,6 +223,8 @@ class Trainer:
             self._restore_signal_handlers(previous)
 
     def _fit(self) -> FitResult:
+        if self.epoch >= self.epochs:
+            self.log(f"{self.run_dir} holds all {self.epochs} epochs: nothing left to train")
         while self.epoch < self.epochs:
             epoch = self.epoch
             lr = self.schedule.lr_at(epoch)
@@ -262,7 +267,8 @@ class Trainer:
                     # all-reduce waits for this process, so it joins the step with its last
                     # batch at weight 0: no gradient and no metrics from it, the same step.
                     x, y = self._stand_in
-            if len(y):  # else a batch of unreadable images only: skipped, but counted
+            stepped = bool(len(y))  # else a batch of unreadable images only: skipped, counted
+            if stepped:
                 loss, correct = self._train_step(x, y, self._loss_weight(loader, b, n))
                 if n:
                     pending.append((b, loss))
@@ -283,6 +289,8 @@ class Trainer:
                 loss_sum, hits, n = sums.tolist()
                 self.progress.update(b + 1, loss_sum / max(n, 1), 100 * (1 - hits / max(n, 1)),
                                      (n - n0) / max(time.perf_counter() - t0, 1e-9))
+            if stepped and self.save_every and self.step % self.save_every == 0 and not last:
+                self._save_step(pending, sums, epoch, t0)
             if self.stopping is not None and not last:
                 interrupted = True
                 break
@@ -291,6 +299,22 @@ class Trainer:
         self._set_partial(self._reduce(sums), t0)
         self.progress.stop()
         return not interrupted
+
+    def _save_step(self, pending: list[tuple[int, torch.Tensor]], sums: torch.Tensor,
+                   epoch: int, t0: float) -> None:
+        """``--save-every``: last.pt in the middle of an epoch, so a restart loses at most N
+        steps. Every process joins (at the same step: the sums and RNG states are gathered);
+        only rank 0 writes, and no one waits for it: they meet at the next all-reduce."""
+        self._check_finite(pending, epoch)  # never save over a good checkpoint with a bad one
+        pending.clear()
+        if self.stopping is not None:
+            return  # the stop saves this very state
+        in_epoch = self.partial
+        self._set_partial(self._reduce(sums), t0)
+        try:
+            self._save("last.pt")
+        finally:
+            self.partial = in_epoch
 
     def _loss_weight(self, loader, b: int, local: int) -> float:
         """Scales this process's mean loss so that DDP's average over processes is the mean

@@ -15,11 +15,11 @@ from densenets import (
     DenseNetConfig,
     KeyMismatchError,
     create_model,
-    list_models,
     load,
     save,
 )
 from densenets.cli import main
+from densenets.models.zoo import list_models as dense_zoo
 from densenets.models.zoo import model_config
 from densenets.weights.files import load_into, read_checkpoint
 from densenets.weights.keymap import describe_config, infer_config, remap_state_dict, to_legacy_keys
@@ -95,11 +95,12 @@ def test_timm_safetensors_layout_loads(tmp_path):
     assert same_outputs(model, src)
 
 
-def test_timm_deep_stem_is_refused_by_name():
-    sd = tiny().state_dict()
-    sd["features.conv1.weight"] = torch.zeros(8, 8, 3, 3)
-    with pytest.raises(ValueError, match="deep-stem"):
-        remap_state_dict(sd)
+def test_timm_deep_stem_is_recognised_by_name():
+    # timm's deep stem (three 3x3 convolutions) was refused once; it is built here now
+    sd = create_model("densenet264d", num_classes=10).state_dict()
+    cfg = infer_config(remap_state_dict(sd))
+    assert cfg["deep_stem"] and cfg["growth_rate"] == 48 and not cfg["blur_pool"]
+    assert cfg["block_config"] == (6, 12, 64, 48) and cfg["num_classes"] == 10
 
 
 def test_mismatch_is_a_readable_diff_and_loads_nothing():
@@ -174,7 +175,8 @@ def test_bare_imagenet_state_dict_gets_imagenet_names(tmp_path):
         assert model.weights_meta["preprocessing"]["resize"] == 256
 
 
-@pytest.mark.parametrize("name", list_models() + ["densenet-b-16-k4", "densenet-c-13-k5"])
+# the DenseNet zoo's names (RDNet checkpoints are recognised by their own key map)
+@pytest.mark.parametrize("name", dense_zoo() + ["densenet-b-16-k4", "densenet-c-13-k5"])
 def test_every_zoo_architecture_is_recognised_by_name(name):
     assert describe_config({**DenseNetConfig().to_dict(), **model_config(name)}) == name
 
@@ -239,5 +241,7 @@ def test_reset_classifier():
     model.reset_classifier(11)
     assert model.config.num_classes == 11
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 11)
-    with pytest.raises(ValueError, match="pre_logits"):
-        model.reset_classifier(0)
+    # timm's convention: 0 removes the classifier and forward returns the pooled features
+    model.reset_classifier(0)
+    feats = model(torch.randn(1, 3, 16, 16))
+    assert feats.shape == (1, model.num_features) and model.num_classes == 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..models.densenet import DenseBlock, DenseNet
+from ..models.rdnet import RDNet
 from .summary import summary
 
 FORMATS = (".svg", ".png")
@@ -39,7 +40,7 @@ class Stage:
 
 def default_input_size(model: DenseNet) -> tuple[int, int, int]:
     """(C, H, W) the model's stem was designed for: 224 for ImageNet, 32 for CIFAR."""
-    side = 224 if model.config.stem == "imagenet" else 32
+    side = 224 if getattr(model.config, "stem", "imagenet") == "imagenet" else 32
     return (model.config.in_channels, side, side)
 
 
@@ -47,6 +48,8 @@ def network_stages(model: DenseNet, input_size: tuple[int, int, int] | None = No
                    ) -> list[Stage]:
     """The overview's boxes, with shapes from a forward pass on the meta device (no compute)."""
     c, h, w = input_size or default_input_size(model)
+    if isinstance(model, RDNet):
+        return _rdnet_stages(model, (c, h, w))
     cfg = model.config
     with torch.device("meta"):
         shadow = DenseNet(**{**cfg.to_dict(), "memory_efficient": False})
@@ -77,6 +80,44 @@ def network_stages(model: DenseNet, input_size: tuple[int, int, int] | None = No
     stages.append(Stage("head", "head",
                         ["head", "BN-ReLU", "global pool", "linear",
                          f"{model.num_features} → {cfg.num_classes}"],
+                        cfg.num_classes, (1, 1)))
+    return stages
+
+
+def _rdnet_stages(model: RDNet, size: tuple[int, int, int]) -> list[Stage]:
+    """RDNet's boxes: the patchify stem, each transition and mixing block, the head."""
+    c, h, w = size
+    cfg = model.config
+    with torch.device("meta"):
+        shadow = RDNet(**cfg.to_dict())
+    rows = summary(shadow, (1, c, h, w)).rows
+    p = cfg.patch_size
+    stages = [Stage("input", "input", ["input", f"{c}×{h}×{w}"], c, (h, w))]
+    for i, r in enumerate(rows):
+        s = r.output_shape
+        if r.name == "stem":
+            stages.append(Stage("stem", "stem", ["stem", f"patchify {p}×{p}/{p}", "LayerNorm",
+                                                 _shape(s)], s[1], (s[2], s[3])))
+        elif r.name.startswith("mixing block"):
+            b = int(r.name.rsplit(" ", 1)[1])
+            stack = model.dense_stages[b][-1]
+            stages.append(Stage(
+                f"denseblock{b + 1}", "block",
+                [f"mixing block {b + 1}", f"{stack.num_layers} mixers, GR={stack.growth_rate}",
+                 f"{stack.in_channels} → {s[1]} ch", f"{s[2]}×{s[3]}",
+                 f"{stack.num_connections} connections"], s[1], (s[2], s[3]),
+                stack.num_layers, stack.num_connections))
+            # its transition row follows it in the summary; draw it before the block
+            nxt = rows[i + 1] if i + 1 < len(rows) else None
+            if nxt is not None and nxt.name == "transition norm":
+                t = next(x for x in rows[i + 1:] if x.name == "transition")
+                merge = "merge 2×2/2" if "merging" in t.kind else "conv 1×1"
+                ts = t.output_shape
+                stages.insert(len(stages) - 1, Stage(
+                    f"transition{b}", "transition", [f"transition {b}", "LayerNorm", merge,
+                                                     _shape(ts)], ts[1], (ts[2], ts[3])))
+    stages.append(Stage("head", "head", ["head", "global pool", "LayerNorm", "linear",
+                                         f"{model.num_features} → {cfg.num_classes}"],
                         cfg.num_classes, (1, 1)))
     return stages
 
@@ -178,7 +219,10 @@ def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | Non
          title: str | None = None):
     """The figure of the network and dense block ``block`` (1-based), and what was drawn:
     the stages and the block's connection counts."""
-    n = len(model.config.block_config)
+    blocks = ([stage[-1] for stage in model.dense_stages] if isinstance(model, RDNet)
+              else [getattr(model.features, f"denseblock{i}")
+                    for i in range(1, len(model.config.block_config) + 1)])
+    n = len(blocks)
     if not 1 <= block <= n:
         raise ValueError(f"--block must be between 1 and {n} (this model has {n} dense blocks), "
                          f"got {block}")
@@ -188,7 +232,7 @@ def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | Non
     import matplotlib.pyplot as plt
 
     stages = network_stages(model, input_size)
-    dense_block: DenseBlock = getattr(model.features, f"denseblock{block}")
+    dense_block: DenseBlock = blocks[block - 1]
     L = dense_block.num_layers
     width = max(10.0, 1.15 * len(stages), 0.25 * (L + 3))
     block_h = 4.0 if L <= 24 else 5.0
@@ -198,8 +242,13 @@ def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | Non
     exit_name = "transition" if block < n else "classifier"
     counts = draw_block(bottom, dense_block, block, exit_name)
     params = sum(p.numel() for p in model.parameters())
-    fig.suptitle(title or f"DenseNet: {n} dense blocks {tuple(model.config.block_config)}, "
-                 f"k={model.config.growth_rate}, {params:,} parameters", fontsize=11)
+    if isinstance(model, RDNet):
+        default = (f"RDNet: {n} mixing blocks, growth rates {min(model.config.growth_rates)}-"
+                   f"{max(model.config.growth_rates)}, {params:,} parameters")
+    else:
+        default = (f"DenseNet: {n} dense blocks {tuple(model.config.block_config)}, "
+                   f"k={model.config.growth_rate}, {params:,} parameters")
+    fig.suptitle(title or default, fontsize=11)
     fig.tight_layout()
     return fig, {"stages": [asdict(s) for s in stages], **counts}
 

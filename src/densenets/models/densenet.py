@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .layers import DenseLayer, Transition, compressed_channels
+from .contract import TimmContract, is_eager
+from .layers import GLOBAL_POOLS, DenseLayer, Transition, compressed_channels, deep_stem, stem_pool
+from .zoo import pretrained_cfg
 
 STEMS = ("imagenet", "cifar")
 
@@ -28,6 +30,12 @@ class DenseNetConfig:
     in_channels: int = 3
     stem: str = "imagenet"
     memory_efficient: bool = False
+    # beyond the paper, as timm names them: the deep stem and blur pool of densenet264d and
+    # densenetblur121d, dropout before the classifier (timm's drop_rate), the head's pooling
+    deep_stem: bool = False
+    blur_pool: bool = False
+    head_drop_rate: float = 0.0
+    global_pool: str = "avg"
 
     def __post_init__(self) -> None:
         self.block_config = tuple(self.block_config)
@@ -63,21 +71,37 @@ def validate_config(c: DenseNetConfig) -> None:
         )
     for name in ("num_init_features", "bn_size", "num_classes", "in_channels"):
         _int(name, getattr(c, name))
-        if getattr(c, name) < 1:
+        if name == "num_classes" and c.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 removes the classifier), got "
+                             f"{c.num_classes}")
+        if name != "num_classes" and getattr(c, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-    if not 0.0 <= float(c.drop_rate) < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {c.drop_rate}")
+    for name in ("drop_rate", "head_drop_rate"):
+        if not 0.0 <= float(getattr(c, name)) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(c, name)}")
     if c.stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}, got {c.stem!r}")
+    if (c.deep_stem or c.blur_pool) and c.stem != "imagenet":
+        raise ValueError("deep_stem and blur_pool change the ImageNet stem; the cifar stem is one "
+                         "3x3 convolution without pooling: use stem='imagenet' with them")
+    if c.global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('' = no pooling), got "
+                         f"{c.global_pool!r}")
+    if c.global_pool == "" and c.num_classes:
+        raise ValueError("global_pool='' (no pooling) needs num_classes=0: a linear classifier "
+                         "cannot take an unpooled map")
 
 
-class DenseBlock(nn.Module):
+class DenseBlock(nn.ModuleDict):
     """L dense layers; layer l reads the concatenation of the block input and layers 1..l-1.
 
     Returns the concatenation of the input and all L new maps: in + L*k channels.
     ``memory_efficient`` switches training-mode forward to the shared-buffer implementation
     in :mod:`densenets.efficient.dispatch`; parameters and outputs are the same in both modes.
+    A ModuleDict of its layers (``denselayer1``...) so that TorchScript can iterate them.
     """
+
+    __jit_unused_properties__ = ["layers", "num_connections"]
 
     def __init__(
         self,
@@ -110,21 +134,27 @@ class DenseBlock(nn.Module):
         return self.num_layers * (self.num_layers + 1) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory_efficient and self.training and torch.is_grad_enabled():
-            from ..efficient.dispatch import efficient_block_forward
-
-            return efficient_block_forward(self, x)
+        # scripted models run the plain path (the efficient one is Python and custom kernels)
+        if not torch.jit.is_scripting() and self.memory_efficient and self.training \
+                and torch.is_grad_enabled():
+            return self._efficient_forward(x)
         return self.plain_forward(x)
+
+    @torch.jit.unused
+    def _efficient_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..efficient.dispatch import efficient_block_forward
+
+        return efficient_block_forward(self, x)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The direct forward: concatenate every earlier map before each layer."""
         features = [x]
-        for layer in self.layers:
+        for layer in self.values():
             features.append(layer(torch.cat(features, 1)))
         return torch.cat(features, 1)
 
 
-class DenseNet(nn.Module):
+class DenseNet(TimmContract, nn.Module):
     """Densely Connected Convolutional Network (Huang et al., CVPR 2017).
 
     Args:
@@ -139,7 +169,19 @@ class DenseNet(nn.Module):
         in_channels: channels of the input image (1 for grayscale, more for multispectral).
         stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or "cifar" (one 3x3 conv).
         memory_efficient: shared-buffer dense blocks whose memory is linear in depth.
+        deep_stem: three 3x3 convolutions (widths k, k, num_init_features) replace the 7x7.
+        blur_pool: the stem's max pool samples through a blur (anti-aliased, stride 2).
+        head_drop_rate: dropout on the pooled features before the classifier.
+        global_pool: "avg", "max", "avgmax", "catavgmax", or "" (no pooling, num_classes=0).
+
+    Besides the paper's model it carries timm's model contract (see
+    :mod:`densenets.models.contract`): ``num_classes``, ``pretrained_cfg``,
+    ``forward_intermediates``, ``reset_classifier(0)``, ``group_matcher`` and the rest.
     """
+
+    # Python-side helpers that TorchScript must not try to compile
+    __jit_unused_properties__ = ["stem_reduction", "min_input_size", "num_classes",
+                                 "default_cfg", "grad_checkpointing"]
 
     def __init__(
         self,
@@ -154,18 +196,24 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         stem: str = "imagenet",
         memory_efficient: bool = False,
+        deep_stem: bool = False,
+        blur_pool: bool = False,
+        head_drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         cfg = DenseNetConfig(growth_rate, tuple(block_config), num_init_features, bottleneck,
                              bn_size, compression, drop_rate, num_classes, in_channels, stem,
-                             memory_efficient)
+                             memory_efficient, deep_stem, blur_pool, head_drop_rate, global_pool)
         self.config = cfg
         self.features = nn.Sequential()
         self._add_stem(cfg)
         channels = cfg.num_init_features
-        self.feature_info: list[dict] = [
-            {"module": "features.pool0" if cfg.stem == "imagenet" else "features.conv0",
-             "num_chs": channels, "reduction": self.stem_reduction}
+        # timm's stem tap: after the stem's last BN-ReLU, before its pooling
+        stem_tap = "features.conv0" if cfg.stem == "cifar" else \
+            f"features.relu{2 if cfg.deep_stem else 0}"
+        self.feature_info = [  # (unannotated: TorchScript would read an annotation here)
+            {"module": stem_tap, "num_chs": channels, "reduction": 1 if cfg.stem == "cifar" else 2}
         ]
         reduction = self.stem_reduction
         for i, num_layers in enumerate(cfg.block_config):
@@ -185,10 +233,14 @@ class DenseNet(nn.Module):
                 reduction *= 2
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
         self.features.add_module("relu5", nn.ReLU(inplace=True))
+        self.feature_info[-1]["module"] = "features.relu5"  # the last map is after BN-ReLU
         self.num_features = channels
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(channels, cfg.num_classes)
+        # timm's drop_rate; no module call at all when off (nothing to draw, nothing to trace)
+        self.head_drop = nn.Dropout(cfg.head_drop_rate) if cfg.head_drop_rate else nn.Identity()
+        self._build_head(cfg.num_classes, cfg.global_pool)
         self.reset_parameters()
+        # what timm.data.resolve_data_config reads; create_model puts the zoo entry's here
+        self.pretrained_cfg = pretrained_cfg(None, cfg.to_dict())
 
     @property
     def stem_reduction(self) -> int:
@@ -196,12 +248,16 @@ class DenseNet(nn.Module):
 
     def _add_stem(self, cfg: DenseNetConfig) -> None:
         f = self.features
-        if cfg.stem == "imagenet":
+        if cfg.deep_stem:
+            for name, module in deep_stem(cfg.in_channels, cfg.growth_rate, cfg.num_init_features,
+                                          cfg.blur_pool):
+                f.add_module(name, module)
+        elif cfg.stem == "imagenet":
             f.add_module("conv0", nn.Conv2d(cfg.in_channels, cfg.num_init_features, 7, 2, 3,
                                             bias=False))
             f.add_module("norm0", nn.BatchNorm2d(cfg.num_init_features))
             f.add_module("relu0", nn.ReLU(inplace=True))
-            f.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            f.add_module("pool0", stem_pool(cfg.num_init_features, cfg.blur_pool))
         else:
             f.add_module("conv0", nn.Conv2d(cfg.in_channels, cfg.num_init_features, 3, 1, 1,
                                             bias=False))
@@ -240,8 +296,22 @@ class DenseNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError for an input this network cannot take, saying what would work."""
+        if x.dim() == 3:
+            raise ValueError(f"expected a batch (N, C, H, W) but got one image of shape "
+                             f"{tuple(x.shape)}; add the batch dimension: x.unsqueeze(0)")
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+        weight = next(self.parameters(), None)
+        held = torch.float32 if weight is None else weight.dtype
+        # Under autocast the convolutions cast any floating input themselves.
+        if x.dtype != held and not (x.is_floating_point()
+                                    and torch.is_autocast_enabled(x.device.type)):
+            kind = str(held).removeprefix("torch.")
+            fix = (f"x.to(torch.{kind}) / 255 for 0-255 pixels, then normalise as in training"
+                   if not x.is_floating_point() else
+                   f"x.to(torch.{kind}), or convert the model with model.to({x.dtype})")
+            raise ValueError(f"the input is {str(x.dtype).removeprefix('torch.')} but this "
+                             f"DenseNet holds {kind} weights; convert it: {fix}")
         c = self.config.in_channels
         if x.shape[1] != c:
             raise ValueError(
@@ -260,29 +330,24 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map after BN-ReLU: (N, num_features, H', W')."""
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            self.check_input(x)
+        # The checks branch on shapes, which scripting, tracing and FX make symbolic.
+        # is_scripting() must be a condition of its own for scripting to skip the block
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if is_eager(x):
+                self.check_input(x)
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool, then the classifier unless ``pre_logits``."""
-        x = torch.flatten(self.global_pool(x), 1)
-        return x if pre_logits else self.classifier(x)
+        """Global pool, head dropout, then the classifier unless ``pre_logits``.
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs.
-
-        For fine-tuning on a new label set; ``forward_head(x, pre_logits=True)`` gives the
-        pooled features without any classifier.
+        ``reset_classifier(num_classes, global_pool)`` changes both; with ``num_classes=0``
+        the classifier is gone and this returns the pooled features.
         """
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}; for "
-                             "pooled features use forward_head(x, pre_logits=True)")
-        old = self.classifier.weight
-        self.classifier = nn.Linear(self.num_features, num_classes, device=old.device,
-                                    dtype=old.dtype)
-        nn.init.zeros_(self.classifier.bias)
-        self.config.num_classes = num_classes
+        x = self.global_pool(x)
+        if self.pooled:
+            x = torch.flatten(x, 1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

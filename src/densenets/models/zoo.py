@@ -4,7 +4,11 @@ ImageNet names are fixed (``densenet121`` ...). CIFAR/SVHN names are patterns th
 valid depth: ``densenet-{L}-k{k}`` (plain, L = 3n + 4, 16-channel stem) and
 ``densenet-bc-{L}-k{k}`` (bottleneck + compression 0.5, L = 6n + 4, 2k-channel stem), plus the
 other two variants ``densenet-b-{L}-k{k}`` (L = 6n + 4, 2k stem) and ``densenet-c-{L}-k{k}``
-(L = 3n + 4, 16-channel stem).
+(L = 3n + 4, 16-channel stem). Two more ImageNet names are timm's variants beyond the paper:
+``densenet264d`` (k = 48, deep stem) and ``densenetblur121d`` (deep stem, blur-pooled stem).
+
+Every name also has a ``pretrained_cfg`` in timm's format (input size, pooled map size,
+interpolation, crop, normalisation, classes, first convolution, classifier).
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ IMAGENET: dict[str, dict[str, Any]] = {
     "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
     "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
     "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
+    # timm's deep-stem variants (its names and layouts; the stem widths are k, k, 2k)
+    "densenet264d": dict(growth_rate=48, block_config=(6, 12, 64, 48), num_init_features=96,
+                         deep_stem=True),
+    "densenetblur121d": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64,
+                             deep_stem=True, blur_pool=True),
 }
 
 # variant prefix -> (bottleneck, compression, conv layers per dense layer)
@@ -98,4 +107,69 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
             "take any valid depth: densenet-{L}-k{k}, densenet-bc-{L}-k{k} (also -b, -c)."
         )
     cfg.update(overrides)
+    return cfg
+
+
+# ---------------------------------------------------------------- timm's pretrained_cfg
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The CIFAR-10 training split's statistics (pixels in [0, 1]), the cifar10 recipe's normalisation.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+# What differs per name from the stem type's defaults below. torchvision's weights were scored
+# at resize 256 bilinear, crop 224; timm's two deep-stem names keep timm's own entries.
+_NAMED_CFGS: dict[str, dict[str, Any]] = {
+    **{n: {"tag": "tv_in1k", "hf_hub_id": f"timm/{n}.tv_in1k"}
+       for n in ("densenet121", "densenet161", "densenet169", "densenet201")},
+    "densenetblur121d": {"tag": "ra_in1k", "hf_hub_id": "timm/densenetblur121d.ra_in1k",
+                         "interpolation": "bicubic", "test_input_size": (3, 288, 288),
+                         "test_crop_pct": 0.95},
+    "densenet264d": {"tag": "untrained", "interpolation": "bicubic"},
+}
+
+
+def _map_side(side: int, stem: str, num_blocks: int) -> int:
+    """The last dense block's map side for a ``side``-pixel input (both stems' arithmetic)."""
+    if stem == "imagenet":  # a stride-2 stem convolution, then a stride-2 pool (3x3 or 7x7)
+        side = (side - 1) // 2 + 1
+        side = (side - 1) // 2 + 1
+    return side >> (num_blocks - 1)
+
+
+def pretrained_cfg(name: str | None, config: dict[str, Any],
+                   preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` for the zoo model ``name`` built with ``config``.
+
+    ImageNet stems: 224 px, crop 0.875, ImageNet statistics, 1000 classes. CIFAR stems: 32 px,
+    no crop (crop_pct 1.0), CIFAR-10 statistics. ``pool_size`` is the final map at that input,
+    and the classes and input channels are the model's own; images with other than 3 channels
+    get mean 0.5, std 0.5 per channel, as this library's preprocessing gives them.
+    ``preprocessing`` (loaded weights' ``{"resize", "crop", "mean", "std", "interpolation"}``)
+    takes precedence: the data transform is the one the weights were evaluated with.
+    """
+    stem = config.get("stem", "imagenet")
+    c = int(config.get("in_channels", 3))
+    side = 224 if stem == "imagenet" else 32
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if stem == "imagenet" else (CIFAR10_MEAN,
+                                                                          CIFAR10_STD)
+    if c != 3:
+        mean, std = (0.5,) * c, (0.5,) * c
+    pool = _map_side(side, stem, len(config.get("block_config") or (6, 12, 24, 16)))
+    cfg: dict[str, Any] = {
+        "architecture": name, "tag": "untrained", "url": "", "hf_hub_id": None,
+        "num_classes": int(config.get("num_classes", 1000)), "input_size": (c, side, side),
+        "pool_size": (pool, pool), "crop_pct": 0.875 if stem == "imagenet" else 1.0,
+        "interpolation": "bilinear", "mean": tuple(mean), "std": tuple(std),
+        "first_conv": "features.conv0", "classifier": "classifier",
+    }
+    cfg.update(_NAMED_CFGS.get((name or "").lower(), {}))
+    if preprocessing:
+        crop = int(preprocessing.get("crop", side))
+        pool = _map_side(crop, stem, len(config.get("block_config") or (6, 12, 24, 16)))
+        cfg.update(input_size=(c, crop, crop), pool_size=(pool, pool),
+                   crop_pct=round(crop / int(preprocessing.get("resize", crop)), 4))
+        for key in ("mean", "std"):
+            if key in preprocessing:
+                cfg[key] = tuple(preprocessing[key])
+        cfg["interpolation"] = preprocessing.get("interpolation", cfg["interpolation"])
     return cfg

@@ -4,9 +4,11 @@ Layouts handled: torchvision's current keys; its legacy hosted keys (``denselaye
 from module names that once contained dots); ``module.`` (DataParallel/DDP), ``_orig_mod.``
 (torch.compile) and ``model.`` (Lightning) prefixes; wrappers such as ``{"state_dict": ...}``;
 timm's DenseNets, whose parameter names equal torchvision's (timm fuses BN and ReLU into one
-``BatchNormAct2d`` that keeps the BN's parameter names). timm's deep-stem variants
-(densenet121d, densenetblur121d, densenet264d) have a three-convolution stem that this library
-does not build, and are refused by name.
+``BatchNormAct2d`` that keeps the BN's parameter names), its deep-stem variants included
+(densenet264d, densenetblur121d: ``features.conv0..2``/``norm0..2`` in place of the 7x7 stem).
+Blur pooling holds no weights, so a state dict cannot show it: a deep-stem DenseNet-121 is read
+as densenetblur121d, the only one published; ``create_model("densenet121", deep_stem=True,
+weights=PATH)`` builds the unblurred one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _LEGACY = re.compile(
 _WRAPPERS = ("model", "state_dict", "model_state_dict", "model_state", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 _ARCH = ("growth_rate", "block_config", "num_init_features", "bottleneck", "bn_size",
-         "compression", "stem")
+         "compression", "stem", "deep_stem", "blur_pool")
 
 
 def remap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -53,10 +55,6 @@ def remap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
     sd = {_legacy_to_current(k): v for k, v in sd.items()}
-    if "features.conv1.weight" in sd:
-        raise ValueError("this is a deep-stem DenseNet (timm's densenet121d, densenetblur121d "
-                         "or densenet264d: three 3x3 stem convolutions), which densenets does "
-                         "not build; use a checkpoint of a standard-stem DenseNet")
     if not any(k.startswith("features.") for k in sd):
         raise ValueError(f"no DenseNet weights in the checkpoint (no 'features.*' keys); its "
                          f"keys start {sorted(sd)[:4]}")
@@ -90,6 +88,9 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     Dropout leaves no trace in weights, so ``drop_rate`` is 0.
     """
     init, in_ch, kh, _ = _shape(sd, "features.conv0.weight")
+    deep = "features.conv2.weight" in sd  # timm's deep stem: three 3x3 convolutions
+    if deep:
+        init = _shape(sd, "features.conv2.weight")[0]
     blocks = []
     while any(k.startswith(f"features.denseblock{len(blocks) + 1}.") for k in sd):
         prefix = f"features.denseblock{len(blocks) + 1}.denselayer"
@@ -108,8 +109,10 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
                compression=_compression(transitions), drop_rate=0.0,
                num_classes=_shape(sd, "classifier.weight")[0] if "classifier.weight" in sd
                else 1000,
-               in_channels=in_ch, stem="imagenet" if kh == 7 else "cifar",
-               memory_efficient=False)
+               in_channels=in_ch, stem="imagenet" if kh == 7 or deep else "cifar",
+               memory_efficient=False, deep_stem=deep, blur_pool=False)
+    # Blur pooling leaves no weights; the one published deep-stem 121 has it.
+    cfg["blur_pool"] = deep and growth == 32 and cfg["block_config"] == (6, 12, 24, 16)
     return cfg
 
 
@@ -150,8 +153,10 @@ def describe_config(cfg: Mapping[str, Any]) -> str:
             name = f"{variant}-{3 * per_layer * blocks[0] + 4}-k{arch['growth_rate']}"
             if same(name):
                 return name
+    stem = arch["stem"] + ("-deep" if arch["deep_stem"] else "") + \
+        ("-blur" if arch["blur_pool"] else "")
     return (f"DenseNet(k={arch['growth_rate']}, blocks={list(blocks)}, "
-            f"stem={arch['stem']}, init={arch['num_init_features']}, "
+            f"stem={stem}, init={arch['num_init_features']}, "
             f"B={arch['bottleneck']}, theta={arch['compression']})")
 
 

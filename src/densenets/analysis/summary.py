@@ -7,6 +7,7 @@ two per multiply-add reports twice that. BatchNorm, ReLU and pooling are not cou
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from ..models.densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from ..models.rdnet import RDNET, RDNet
+from ..models.rdnet_layers import FeatureMixer, MixerStack
 
 
 @dataclass
@@ -80,6 +83,39 @@ class Summary:
                       f"({self.total_macs / 1e9:.3f} G; x2 for FLOPs)")
         return console.export_text().rstrip()
 
+    def __repr__(self) -> str:
+        # Short on purpose: the generated dataclass repr spells out every row (10,000+
+        # characters for DenseNet-121), which is what a notebook cell would echo.
+        return (f"Summary({self.model_name!r}, input {tuple(self.input_size)}, "
+                f"{self.total_params:,} params, {human(self.total_macs)} MACs, "
+                f"{len(self.rows)} rows)")
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:
+        """IPython's text display: the table."""
+        p.text(repr(self) if cycle else str(self))
+
+    def _repr_html_(self) -> str:
+        """Jupyter's display: the table as HTML."""
+        from html import escape
+
+        right = ' style="text-align:right"'
+        head = "".join(f"<th{'' if c in ('layer', 'kind') else right}>{c}</th>"
+                       for c in ("layer", "kind", "output shape", "params", "MACs",
+                                 "connections"))
+        body = []
+        for r in self.rows:
+            cells = ["x".join(map(str, r.output_shape)), f"{r.params:,}", human(r.macs),
+                     "" if r.connections is None else str(r.connections)]
+            body.append(f'<tr><td style="text-align:left;padding-left:{0.3 + 1.5 * r.depth}em">'
+                        f"{escape(r.name)}</td><td style=\"text-align:left\">{escape(r.kind)}"
+                        f"</td>" + "".join(f"<td{right}>{c}</td>" for c in cells) + "</tr>")
+        body.append(f"<tr><th>total</th><td></td><td></td><td{right}>{self.total_params:,}</td>"
+                    f"<td{right}>{human(self.total_macs)}</td><td></td></tr>")
+        return (f"<table><caption>{escape(self.model_name)}  input "
+                f"{tuple(self.input_size)}</caption><thead><tr>{head}</tr></thead><tbody>"
+                + "".join(body) + "</tbody></table><p>MACs = multiply-adds of conv and linear "
+                f"layers ({self.total_macs / 1e9:.3f} G; x2 for FLOPs)</p>")
+
 
 class _Null:
     def write(self, s: str) -> int:
@@ -127,6 +163,25 @@ def _described(model: DenseNet) -> list[tuple[str, str, nn.Module, int]]:
     return items
 
 
+def _described_rdnet(model: RDNet) -> list[tuple[str, str, nn.Module, int]]:
+    """RDNet's rows: the stem, each mixing block with its transition and feature mixers."""
+    items: list[tuple[str, str, nn.Module, int]] = [("stem", "patchify stem + LayerNorm",
+                                                     model.stem, 0)]
+    for i, block in enumerate(model.dense_stages):
+        *transition, mixers = list(block.children())
+        down = transition and transition[1].stride[0] > 1
+        items.append((f"mixing block {i}", f"{len(mixers._modules)} mixers, "
+                      f"+{mixers.dense_block0.growth_rate} each", block, 0))
+        if transition:
+            items.append(("transition norm", "LayerNorm", transition[0], 1))
+            items.append(("transition", "patch merging 2x2/2" if down else "1x1 conv",
+                          transition[1], 1))
+        for name, mixer in mixers.named_children():
+            items.append((name, f"feature mixer (+{mixer.growth_rate})", mixer, 1))
+    items.append(("head", "pool, LayerNorm, linear", model.head, 0))
+    return items
+
+
 def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
             name: str | None = None) -> Summary:
     """Run one forward pass (eval mode, no grad) and tabulate every stem op, dense layer,
@@ -136,8 +191,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
     concatenated feature map after that layer (k channels more than the row before).
     The model's train/eval mode is restored afterwards; nothing in it changes.
     """
-    if not isinstance(model, DenseNet):
-        raise TypeError(f"summary expects a densenets.DenseNet, got {type(model).__name__}")
+    if not isinstance(model, DenseNet | RDNet):
+        raise TypeError(f"summary expects a densenets DenseNet or RDNet, got "
+                        f"{type(model).__name__}")
     size = tuple(int(s) for s in input_size)
     if len(size) == 3:
         size = (1, *size)
@@ -154,14 +210,15 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
         macs[m] = macs.get(m, 0) + _leaf_macs(m, out)
 
     def shape_hook(m: nn.Module, inp, out) -> None:
-        if isinstance(m, DenseLayer):
+        if isinstance(m, DenseLayer | FeatureMixer):
             # Show the block's concatenated width after this layer, as the paper counts it.
-            n, c, h, w = inp[0].shape
-            shapes[m] = (n, c + out.shape[1], h, w)
+            prev = inp[0] if isinstance(inp[0], list) else [inp[0]]  # a mixer reads a list
+            n, _, h, w = prev[0].shape
+            shapes[m] = (n, sum(t.shape[1] for t in prev) + out.shape[1], h, w)
         else:
             shapes[m] = tuple(out.shape)
 
-    rows_spec = _described(model)
+    rows_spec = _described_rdnet(model) if isinstance(model, RDNet) else _described(model)
     handles = [m.register_forward_hook(leaf_hook) for m in model.modules()
                if isinstance(m, nn.Conv2d | nn.Linear)]
     handles += [m.register_forward_hook(shape_hook) for _, _, m, _ in rows_spec]
@@ -178,7 +235,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
     result = Summary(name or getattr(model, "name", None) or "DenseNet", size)
     for rname, kind, m, depth in rows_spec:
         row_macs = sum(macs.get(sub, 0) for sub in m.modules())
-        conn = m.num_connections if isinstance(m, DenseBlock) else None
+        conn = m.num_connections if isinstance(m, DenseBlock | MixerStack) else None
+        if isinstance(m, nn.Sequential) and isinstance(m[-1], MixerStack):
+            conn = m[-1].num_connections
         result.rows.append(Row(rname, kind, shapes[m], count_params(m), row_macs, depth, conn))
     result.total_params = count_params(model)
     result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -192,6 +251,10 @@ def model_stats(name: str, **overrides) -> dict:
     from ..factory import create_model
     from ..models.zoo import native_input_size
 
+    if name.strip().lower() in RDNET:
+        if not overrides:
+            return json.loads(_rdnet_stats(name.strip().lower()))
+        return _rdnet_stats_now(name, overrides)
     with torch.device("meta"):
         model = create_model(name, **overrides)
     size = (1, model.config.in_channels, *native_input_size(name)[1:])
@@ -201,6 +264,43 @@ def model_stats(name: str, **overrides) -> dict:
             "block_config": list(model.config.block_config),
             "bottleneck": model.config.bottleneck, "compression": model.config.compression,
             "stem": model.config.stem, "num_classes": model.config.num_classes}
+
+
+def _rdnet_stats_now(name: str, overrides: dict) -> dict:
+    """model_stats for an RDNet: one growth rate per mixing block, at 224 px."""
+    from ..factory import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    c = model.config
+    size = (1, c.in_channels, 224, 224)
+    s = summary(model, size, name=name)
+    return {"name": name, "input_size": list(size[1:]), "params": s.total_params,
+            "macs": s.total_macs, "growth_rate": list(c.growth_rates),
+            "block_config": [c.mixers_per_block] * len(c.growth_rates), "bottleneck": True,
+            "compression": c.compression, "stem": "patchify", "num_classes": c.num_classes}
+
+
+@functools.cache
+def _rdnet_stats(name: str) -> str:
+    """A published RDNet size's stats, computed once per process (as JSON, so no caller can
+    change the cached copy): on the meta device its hundreds of LayerNorms still cost
+    seconds, and `models` and `paper` both list all four sizes."""
+    return json.dumps(_rdnet_stats_now(name, {}))
+
+
+def rdnet_table() -> dict:
+    """The published RDNet sizes (params, GMACs, top-1) beside our computed counts."""
+    from . import paper
+
+    rows = []
+    for name, params_m, gmacs, side, top1 in paper.RDNET_ROWS:
+        st = model_stats(name)
+        rows.append({**st, "paper_params_m": params_m, "paper_gmacs": gmacs,
+                     "params_match": round(st["params"] / 1e6) == params_m,
+                     "macs_match": round(st["macs"] / 1e9, 1) == gmacs, "top1_acc": top1,
+                     "paper_input": side})
+    return {"rdnet": rows, "rdnet_large_384_top1_acc": paper.RDNET_LARGE_384_TOP1}
 
 
 def paper_tables() -> dict:
@@ -227,5 +327,5 @@ def paper_tables() -> dict:
                    "params_match": round(st["params"] / 1e6, 1) == params_m,
                    "errors": {"C10": None, "C10+": c10p, "C100": None, "C100+": c100p,
                               "SVHN": None}})
-    return {"table1": t1, "table2": t2,
+    return {"table1": t1, "table2": t2, **rdnet_table(),
             "macs_convention": "multiply-adds of conv and linear layers; FLOPs = 2 x MACs"}

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
+from pathlib import Path
 
 from rich.table import Table
 
 from ..analysis.summary import human, model_stats, paper_tables, summary
-from ..factory import create_model
-from ..models.zoo import VARIANTS, cifar_config, list_models
+from ..factory import create_model, list_models
+from ..models.zoo import VARIANTS, cifar_config
+from ..weights.files import load
 from .output import console
+
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "summary", help="per-layer shapes, parameters and MACs of a model",
         description="One row per stem op, dense layer, dense block, transition, pool and "
-                    "classifier. MODEL is a zoo name (densenet121, densenet-bc-100-k12, ...) or "
-                    "a variant (densenet, densenet-b, densenet-c, densenet-bc) with --depth.")
-    p.add_argument("model", help="zoo name or variant")
+                    "classifier. MODEL is a zoo name (densenet121, densenet-bc-100-k12, ...), "
+                    "a variant (densenet, densenet-b, densenet-c, densenet-bc) with --depth, "
+                    "or a weights file or run directory (its stored architecture).")
+    p.add_argument("model", help="zoo name, variant, weights file or run directory")
     add_model_overrides(p)
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="input size (default: the model's native size)")
@@ -75,6 +82,29 @@ def model_from_args(args: argparse.Namespace):
     return name, create_model(name, **overrides)
 
 
+def is_file_spec(spec: str) -> bool:
+    """Whether MODEL names a weights file or run directory rather than a zoo name."""
+    p = Path(spec)
+    return p.exists() or p.suffix in _FILE_SUFFIXES or "/" in spec or "\\" in spec
+
+
+def model_from_file(args: argparse.Namespace):
+    """(name, model) for a weights file or run directory; adaptation notes go to stderr."""
+    given = [k for k in ("growth_rate", "compression", "num_init_features", "num_classes",
+                         "in_channels", "stem", "drop_rate", "block_config", "depth")
+             if getattr(args, k, None)]
+    if getattr(args, "weights", None) or given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--weights"
+        raise ValueError(f"{flags} applies to a zoo name; the file {args.model} already "
+                         "fixes the architecture and weights")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        model = load(args.model)
+    for w in caught:
+        print(f"densenets {args.command}: note: {w.message}", file=sys.stderr)
+    return model.weights_meta.get("model_name") or Path(args.model).stem, model
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     stats = [model_stats(n) for n in list_models()]
     if args.json:
@@ -84,7 +114,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     for col in ("model", "k", "blocks", "B", "theta", "input", "params", "MACs"):
         t.add_column(col, justify="left" if col in ("model", "blocks") else "right")
     for s in stats:
-        t.add_row(s["name"], str(s["growth_rate"]), str(tuple(s["block_config"])),
+        k = s["growth_rate"]  # an RDNet has one growth rate per mixing block
+        k = f"{min(k)}-{max(k)}" if isinstance(k, list) else str(k)
+        t.add_row(s["name"], k, str(tuple(s["block_config"])),
                   "yes" if s["bottleneck"] else "no", f"{s['compression']:g}",
                   "x".join(map(str, s["input_size"][1:])), f"{s['params']:,}", human(s["macs"]))
     console().print(t)
@@ -94,11 +126,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    name, model = model_from_args(args)
+    name, model = model_from_file(args) if is_file_spec(args.model) else model_from_args(args)
     if args.input_size:
         size = (args.batch_size, *args.input_size)
-    else:
-        side = 224 if model.config.stem == "imagenet" else 32
+    else:  # the size the weights were trained at, else the stem's native one
+        crop = (getattr(model, "weights_meta", None) or {}).get("preprocessing", {}).get("crop")
+        side = int(crop or (224 if getattr(model.config, "stem", "imagenet") == "imagenet"
+                            else 32))
         size = (args.batch_size, model.config.in_channels, side, side)
     s = summary(model, size, name=name)
     if args.json:
@@ -150,5 +184,18 @@ def cmd_paper(args: argparse.Namespace) -> int:
                   f"{r['macs'] / 1e6:.0f}", *(_fmt(e[c]) for c in ("C10", "C10+", "C100",
                                                                     "C100+", "SVHN")))
     out.print(t)
+    t = Table(title="RDNet (DenseNets Reloaded, ECCV 2024): ImageNet-1k at 224x224, "
+                    "top-1 accuracy as published")
+    for col in ("model", "mixing blocks", "growth rates", "params (ours)", "params (paper)",
+                "GMACs (ours)", "GMACs (paper)", "match", "top-1 %"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in tables["rdnet"]:
+        t.add_row(r["name"], str(len(r["block_config"])),
+                  f"{min(r['growth_rate'])}-{max(r['growth_rate'])}", f"{r['params']:,}",
+                  f"{r['paper_params_m']}M", f"{r['macs'] / 1e9:.2f}", f"{r['paper_gmacs']:.1f}",
+                  "yes" if r["params_match"] and r["macs_match"] else "NO",
+                  f"{r['top1_acc']:.1f}")
+    out.print(t)
+    print(f"rdnet_large fine-tuned at 384x384: {tables['rdnet_large_384_top1_acc']}% top-1.")
     print(tables["macs_convention"])
     return 0

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models.densenet import DenseNet
-from ..training import distributed
+from ..training import distributed, recipes, rundir
 from ..training.checkpoint import load_checkpoint, remove_stale_temporaries
 from ..training.cuda_graphs import check_supported
 from ..training.data import build_data
@@ -58,16 +58,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hold N training images out for validation (bare flag: the paper's "
                         "5000 for CIFAR, 6000 for SVHN)")
     g.add_argument("--image-size", type=int, help="crop size for folder recipes")
+    g.add_argument("--augment", choices=recipes.AUGMENTATIONS, dest="augmentation", help="training "
+                   "augmentation (default: the recipe's; folder: standard up to 64 px)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="dataset directory (default data/<dataset>)")
     g.add_argument("--download", action="store_true", default=None,
                    help="download CIFAR/SVHN when missing")
     g.add_argument("--strict", action="store_true", default=None,
                    help="stop at the first unreadable image instead of skipping it")
-    g.add_argument("--workers", type=int, help="loader processes for image folders (default 4)")
+    g.add_argument("--workers", type=int, help="loader processes for image folders (default: "
+                   "0 on 2 cores or fewer, else one per core but one, at most 8)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory (default runs/<recipe>-<model>-<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    g.add_argument("--auto-resume", action="store_true", help="start --out DIR, or continue it "
+                   "when it holds a checkpoint of this configuration (torchrun --max-restarts)")
+    g.add_argument("--save-every", type=int, metavar="N",
+                   help="also save last.pt every N optimiser steps (a restart loses at most N)")
     g.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (resumably) after epoch N of the schedule")
     g.add_argument("--seed", type=int)
@@ -121,11 +128,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
     names = ("model", "epochs", "batch_size", "lr", "weight_decay", "val_split", "image_size",
              "data_dir", "download", "strict", "workers", "out", "stop_after", "seed",
              "deterministic", "threads", "device", "amp", "channels_last", "compile",
-             "cuda_graphs", "memory_efficient", "drop_rate")
+             "cuda_graphs", "memory_efficient", "drop_rate", "augmentation")
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
     if arch:
         given["model_overrides"] = arch
+    if args.auto_resume:  # fresh, or --resume --out with these flags if they match the stored
+        return rundir.auto_resume(
+            resolve(args.recipe or "digits", **given), lambda out: _resume_config(
+                out, {k: v for k, v in given.items() if k in RESUMABLE}, None),
+            sync_bn=bool(args.sync_bn), may_change=RESUMABLE, resuming=bool(args.resume))
     if args.resume:
         return _resume_config(args.resume, given, args.recipe)
     return resolve(args.recipe or "digits", **given), None
@@ -202,10 +214,11 @@ def prepare_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    if not resuming and (out / "last.pt").exists():
-        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or choose "
-                         "another --out")
     out.mkdir(parents=True, exist_ok=True)
+    rundir.acquire_lock(out, log=lambda m: print(f"densenets train: {m}", file=sys.stderr))
+    if not resuming and (out / "last.pt").exists():
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} (or "
+                         "--auto-resume) or choose another --out")
     cfg.out = str(out)
     if default:
         latest = out.parent / "latest"
@@ -234,6 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     finally:
         distributed.teardown(clean)
+        rundir.release_locks()
         torch.set_num_threads(threads)  # leave the calling process as it was
 
 
@@ -245,6 +259,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
     per_process = distributed.local_batch_size(cfg.batch_size, d.world_size)
     if cfg.cuda_graphs:  # refused before anything is written
         check_supported(device, cfg.amp, d.enabled, cfg.compile)
+    recipes.check_amp(cfg.amp, device)
     if sync_bn and not d.enabled:
         print("densenets train: --sync-bn has no effect in a single process", file=sys.stderr)
     if cfg.threads and device.type == "cpu":
@@ -277,7 +292,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
         momentum=cfg.momentum, nesterov=cfg.nesterov, dampening=cfg.dampening,
         weight_decay=cfg.weight_decay, device=device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-        stop_after=cfg.stop_after,
+        stop_after=cfg.stop_after, save_every=args.save_every,
         checkpoint_extra={"model_config": model.config.to_dict(), "model_name": name,
                           "meta": meta, "config": record},
         summary_extra={"recipe": cfg.recipe, "model": name, "params": params,
@@ -289,7 +304,8 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
         if d.is_main:
             remove_stale_temporaries(run_dir)
     if d.is_main:
-        sizes = ", ".join(f"{v.num_samples:,} {k}" for k, v in data.loaders.items())
+        sizes = ", ".join(f"{getattr(v, 'readable', v.num_samples):,} {k}"  # what will be read
+                          for k, v in data.loaders.items())
         where = f"{device}" if not d.enabled else \
             f"{d.world_size} processes ({d.backend}, {per_process} images each per step)"
         since = f" from step {trainer.step}" if state else ""
@@ -372,6 +388,12 @@ def checkpoint_of_run(path: str) -> tuple[Path, dict]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    with distributed.joined(pick_device(args.device)) as (d, device):  # under torchrun: shards
+        return _eval(args, d, device)
+
+
+def _eval(args: argparse.Namespace, d: distributed.Dist, device: torch.device) -> int:
+    recipes.check_amp(args.amp, device)
     path, state = checkpoint_of_run(args.checkpoint)
     if not state.get("model_config"):
         raise ValueError(f"{args.checkpoint} has no model_config, so the network cannot be "
@@ -391,7 +413,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             setattr(cfg, key, getattr(args, key))
     cfg.download = args.download
     split = args.split or cfg.eval_split
-    device = pick_device(args.device)
     data = build_data(cfg, device, splits=(split,), ten_crop=args.ten_crop)
     if split not in data.loaders:
         raise ValueError(f"recipe {recipe} has no {split} split here; try --split "
@@ -401,7 +422,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if data.num_classes != model.config.num_classes:
         raise ValueError(f"the {recipe} {split} data has {data.num_classes} classes but the "
                          f"checkpoint's model predicts {model.config.num_classes}")
-    m = evaluate(model.to(device), data.loaders[split], device, amp=args.amp)
+    distributed.shard_loaders({split: data.loaders[split]}, d)
+    m = evaluate(model.to(device), data.loaders[split], device, amp=args.amp, reduce=d.all_sum)
+    if not d.is_main:
+        return 0
     out = {"checkpoint": str(path), "model": state.get("model_name"),
            "epoch": state.get("epoch"), "recipe": recipe, "split": split,
            "ten_crop": args.ten_crop, "images": m["n"], "loss": round(m["loss"], 8),

@@ -13,15 +13,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..deploy.export import FORMATS, export, verify, within_tolerance
+from ..deploy.export import FORMATS, check_destination, export, verify, within_tolerance
 from ..deploy.predict import predict_files, weights_meta
 from ..factory import create_model
-from ..weights.files import load
-from .inspect_cmds import add_model_overrides, model_from_args
+from .inspect_cmds import add_model_overrides, is_file_spec, model_from_args, model_from_file
 
 _OVERRIDES = ("growth_rate", "compression", "num_init_features", "num_classes", "in_channels",
               "stem", "drop_rate")
-_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,24 +65,18 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     add_model_overrides(p)
 
 
-def _is_file_spec(spec: str) -> bool:
-    p = Path(spec)
-    return p.exists() or p.suffix in _FILE_SUFFIXES or "/" in spec or "\\" in spec
+def is_random(args: argparse.Namespace) -> bool:
+    """Whether CHECKPOINT_OR_MODEL is a zoo name without --weights: an untrained network."""
+    return not is_file_spec(args.model) and not args.weights
 
 
 def resolve_model(args: argparse.Namespace):
     """(name, model) for CHECKPOINT_OR_MODEL; adaptation notes go to stderr, one line each."""
+    if is_file_spec(args.model):
+        return model_from_file(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        if _is_file_spec(args.model):
-            given = [k for k in (*_OVERRIDES, "block_config", "depth") if getattr(args, k, None)]
-            if args.weights or given:
-                flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--weights"
-                raise ValueError(f"{flags} applies to a zoo name; the file {args.model} already "
-                                 "fixes the architecture and weights")
-            model = load(args.model)
-            name = model.weights_meta.get("model_name") or Path(args.model).stem
-        elif args.weights:
+        if args.weights:
             overrides = {k: getattr(args, k) for k in _OVERRIDES
                          if getattr(args, k, None) is not None}
             if args.block_config:
@@ -99,6 +91,8 @@ def resolve_model(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.output:  # before loading anything: a bad destination fails in a moment
+        check_destination(args.output, FORMATS[args.format])
     name, model = resolve_model(args)
     out = args.output or f"{Path(name).name}{FORMATS[args.format]}"
     size = tuple(args.input_size) if args.input_size else None
@@ -138,23 +132,34 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
+RANDOM_WEIGHTS = ("random weights: this network is untrained, so its classes mean nothing; "
+                  "pass --weights imagenet (or PATH), or a trained checkpoint or run directory")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     name, model = resolve_model(args)
     report = predict_files(model, args.images, topk=args.topk, batch_size=args.batch_size,
                            device=args.device)
     meta = weights_meta(model)
+    random = is_random(args)
     for s in report.skipped:
         print(f"densenets predict: skipped {s['file']}: {s['error']}", file=sys.stderr)
     if args.json:
+        warning = {"warning": RANDOM_WEIGHTS} if random else {}
         print(json.dumps({"model": name, "source": meta.get("source"),
+                          "weights": "random" if random else "trained", **warning,
                           "preprocessing": meta["preprocessing"], **report.to_dict()}, indent=2))
     else:
         pre = meta["preprocessing"]
-        resize = f"resize {pre['resize']}, " if pre.get("resize") else ""
+        resize = pre.get("resize") or pre["crop"]
         labels = "its class names" if meta["class_names"] else "class indices (no names stored)"
-        print(f"{name}: {resize}centre crop {pre['crop']}, {pre.get('interpolation', 'bilinear')}"
-              f"; {labels}")
+        caution = f" ({RANDOM_WEIGHTS})" if random else ""
+        print(f"{name}{caution}: resize {resize}, centre crop {pre['crop']}, "
+              f"{pre.get('interpolation', 'bilinear')}; {labels}")
         for p in report.predictions:
+            if p.preprocessed:  # what was done to this image beyond reading it
+                print(f"densenets predict: note: {p.file}: {'; '.join(p.preprocessed)}",
+                      file=sys.stderr)
             print(p.file)
             for rank, t in enumerate(p.topk, 1):
                 print(f"  {rank}. {t['probability'] * 100:6.2f}%  {t['label']} ({t['index']})")

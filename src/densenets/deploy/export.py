@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +63,10 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     # torch.export specialises a batch of 1 to a constant, so trace a dynamic batch with 2.
     x = example_input(model, 2 if dynamic_batch else 1, input_size)
     model.check_input(x)
-    p = Path(path).expanduser()
+    p = check_destination(path, FORMATS[format])
     if format == "exported-program" and p.suffix != ".pt2":
         raise ValueError(f"an ExportedProgram archive must end in .pt2 (torch.export.load "
                          f"refuses other names); got {p}")
-    p.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(export_metadata(model))
     if format == "onnx":
         exporter = _export_onnx(model, x, p, dynamic_batch, opset, meta)
@@ -81,6 +81,37 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     ep = torch.export.export(model, (x,), dynamic_shapes=_batch_dim(dynamic_batch))
     torch.export.save(ep, str(p), extra_files={META_KEY: meta})
     return ExportResult(p, format, "torch.export", tuple(x.shape), dynamic_batch)
+
+
+def check_destination(path: str | os.PathLike, suffix: str = ".onnx") -> Path:
+    """Make sure ``path`` can be written (creating its folder), before any export work.
+
+    ValueError in one line otherwise. Writing a probe file is the only test that also holds for
+    read-only file systems and for the superuser, for whom permission bits say little.
+    """
+    p = Path(path).expanduser()
+    hint = "choose another --output (-o)"
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory; give a file name inside it, e.g. "
+                         f"{p / ('model' + suffix)}")
+    blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"cannot write {p}: {blocking} is a file, not a folder; {hint}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {p.parent} for {p.name} "
+                         f"({e.strerror or e}); {hint}") from None
+    try:
+        if p.exists():
+            with open(p, "ab"):  # an existing file: writable without changing it
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+                pass
+    except OSError as e:
+        raise ValueError(f"cannot write {p} ({e.strerror or e}); {hint}") from None
+    return p
 
 
 def _batch_dim(dynamic: bool) -> tuple[dict[int, Any]] | None:

@@ -1,7 +1,9 @@
 """Image files in, top-k classes out, with the preprocessing and class names the weights carry.
 
 A file that cannot be read as an image is reported by name and skipped; the others are still
-predicted.
+predicted. High-bit-depth grayscale files (16-bit PNG, TIFF) are scaled by their type's range,
+not clipped to 8 bits, and every step that changed an image (bit depth, colour mode, size) is
+listed in its :attr:`Prediction.preprocessed`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Prediction:
 
     file: str
     topk: list[dict[str, Any]]  # {"index", "label", "probability"}
+    preprocessed: list[str] = field(default_factory=list)  # steps that changed the image
 
 
 @dataclass
@@ -33,7 +36,8 @@ class PredictionReport:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"file", "error"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"predictions": [{"file": p.file, "topk": p.topk} for p in self.predictions],
+        return {"predictions": [{"file": p.file, "topk": p.topk, "preprocessed": p.preprocessed}
+                                for p in self.predictions],
                 "skipped": self.skipped}
 
 
@@ -42,17 +46,32 @@ def weights_meta(model: nn.Module) -> dict[str, Any]:
     return complete_meta(model.config.to_dict(), getattr(model, "weights_meta", None))
 
 
-def open_image(path: str | os.PathLike, in_channels: int):
-    """A PIL image in the mode the model takes; ValueError saying why a file is unusable."""
+# Grayscale modes wider than 8 bits, and the value that means white in each. PIL's convert()
+# to "L" clips these at 255 (a 16-bit image turns almost white), so they are scaled instead.
+_HIGH_BIT_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None,
+                   "F": None}
+
+
+def open_image(path: str | os.PathLike, in_channels: int, notes: list[str] | None = None):
+    """A PIL image in the mode the model takes; ValueError saying why a file is unusable.
+
+    High-bit-depth grayscale comes back as a mode "F" image with values in [0, 1] (see
+    :func:`preprocess`); ``notes`` (when given) receives a line for each conversion made.
+    """
     from PIL import Image, ImageOps
 
     if in_channels not in _MODES:
         raise ValueError(f"cannot make {in_channels}-channel inputs from image files (only 1, "
                          "3 or 4 channels)")
+    notes = notes if notes is not None else []
     try:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)  # photos are often stored rotated
+            if img.mode in _HIGH_BIT_DEPTH:
+                return _unit_float(img, notes)
+            if img.mode != _MODES[in_channels]:
+                notes.append(f"converted {img.mode} to {_MODES[in_channels]}")
             return img.convert(_MODES[in_channels])
     except FileNotFoundError:
         raise ValueError("no such file") from None
@@ -62,16 +81,51 @@ def open_image(path: str | os.PathLike, in_channels: int):
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
 
 
-def preprocess(img, preprocessing: dict[str, Any]) -> torch.Tensor:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: a (C, H, W) tensor."""
+def _unit_float(img, notes: list[str]):
+    """A high-bit-depth grayscale image as mode "F" in [0, 1], scaled by its type's range."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float64)
+    white = _HIGH_BIT_DEPTH[img.mode]
+    if white is None:  # 32-bit "I" (older Pillow reads 16-bit PNGs so) and "F": the values
+        # carry no range of their own, so take the smallest usual one that holds them all.
+        top = float(a.max(initial=0.0))
+        ranges = (1.0, 255.0, 65535.0) if img.mode == "F" else (255.0, 65535.0)
+        white = next((r for r in ranges if top <= r), top)
+    if white != 1:
+        notes.append(f"{img.mode} grayscale scaled from 0..{white:g} to 0..1")
+    return Image.fromarray(np.clip(a / white, 0, 1).astype(np.float32), mode="F")
+
+
+def preprocess(img, preprocessing: dict[str, Any], notes: list[str] | None = None,
+               in_channels: int | None = None) -> torch.Tensor:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: a (C, H, W) tensor.
+
+    Without a stored ``resize`` the shorter side is resized to the crop (as the folder
+    evaluation does), so an image larger than the model's input is shrunk, not cut from its
+    middle. ``notes`` receives a line for each step that changed the image.
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
+    notes = notes if notes is not None else []
     mode = InterpolationMode(preprocessing.get("interpolation", "bilinear"))
-    if preprocessing.get("resize"):
-        img = F.resize(img, [int(preprocessing["resize"])], interpolation=mode, antialias=True)
-    img = F.center_crop(img, [int(preprocessing["crop"])])
-    x = F.pil_to_tensor(img).float().div_(255)
+    crop = int(preprocessing["crop"])
+    side = int(preprocessing.get("resize") or crop)
+    w, h = img.size
+    if min(w, h) != side:
+        img = F.resize(img, [side], interpolation=mode, antialias=True)
+        notes.append(f"resized {w}x{h} to {img.size[0]}x{img.size[1]} ({mode.value})")
+    if img.size != (crop, crop):
+        notes.append(f"centre-cropped {img.size[0]}x{img.size[1]} to {crop}x{crop}")
+        img = F.center_crop(img, [crop])
+    x = F.pil_to_tensor(img)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    c = in_channels or len(preprocessing["mean"])
+    if x.shape[0] == 1 and c > 1:  # a high-bit-depth grayscale file for a colour model
+        x = torch.cat([x.expand(min(c, 3), -1, -1), torch.ones_like(x).expand(c - 3, -1, -1)])
+        notes.append(f"grayscale repeated to {min(c, 3)} channels")
     return F.normalize(x, preprocessing["mean"], preprocessing["std"])
 
 
@@ -86,28 +140,32 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], topk: in
     k = min(topk, num_classes)
     model = model.to(device).eval()
     report = PredictionReport()
-    batch: list[tuple[str, torch.Tensor]] = []
+    batch: list[tuple[str, torch.Tensor, list[str]]] = []
 
     def flush() -> None:
         if not batch:
             return
-        x = torch.stack([t for _, t in batch]).to(device)
+        x = torch.stack([t for _, t, _ in batch]).to(device)
         with torch.inference_mode():
             probs = torch.softmax(model(x).float(), dim=1)
         top = probs.topk(k, dim=1)
-        for (f, _), p, i in zip(batch, top.values.tolist(), top.indices.tolist(), strict=True):
+        for (f, _, done), p, i in zip(batch, top.values.tolist(), top.indices.tolist(),
+                                      strict=True):
             report.predictions.append(Prediction(f, [
                 {"index": c, "label": names[c], "probability": q} for c, q in zip(i, p,
-                                                                                  strict=True)]))
+                                                                                  strict=True)],
+                done))
         batch.clear()
 
     for path in paths:
+        notes: list[str] = []
         try:
-            img = open_image(path, model.config.in_channels)
+            img = open_image(path, model.config.in_channels, notes)
         except ValueError as e:
             report.skipped.append({"file": str(path), "error": str(e)})
             continue
-        batch.append((str(path), preprocess(img, meta["preprocessing"])))
+        x = preprocess(img, meta["preprocessing"], notes, model.config.in_channels)
+        batch.append((str(path), x, notes))
         if len(batch) == batch_size:
             flush()
     flush()

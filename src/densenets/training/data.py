@@ -313,8 +313,10 @@ def build_data(cfg, device: str | torch.device = "cpu", splits=("train", "val", 
         loaders[split] = TensorLoader(arrays[split], bs, cfg.mean, cfg.std, shuffle=training,
                                       augment=training and cfg.augment, seed=cfg.seed,
                                       device=device)
-    return DataBundle(loaders, train.class_names, int(train.images.shape[1]),
-                      preprocessing_of(cfg))
+    # These images are whole at the crop size: a larger file must be shrunk to it at inference,
+    # not cut from its middle, so checkpoints record that resize explicitly.
+    pre = {**preprocessing_of(cfg), "resize": cfg.resize or cfg.crop}
+    return DataBundle(loaders, train.class_names, int(train.images.shape[1]), pre)
 
 
 def _load_arrays(cfg) -> tuple[ArrayData, ArrayData]:

@@ -47,12 +47,26 @@ class Lighting:
         return img + rgb.view(3, 1, 1)
 
 
-def train_transform(crop: int, resize: int | None, mean, std, augment: bool) -> T.Compose:
-    """Scale/aspect crop, flip, colour jitter and lighting (ImageNet) or a plain centre crop."""
+def train_transform(crop: int, resize: int | None, mean, std,
+                    augment: bool | str) -> T.Compose:
+    """The training transform of an augmentation policy (``--augment``).
+
+    ``"imagenet"`` (or True): scale/aspect crop, flip, colour jitter and lighting.
+    ``"standard"``: the paper's CIFAR "+": the evaluation resize and centre crop, then zero-pad 4
+    pixels after normalising (so padding is the mean colour, as for the in-memory datasets),
+    a random crop back to size and a horizontal flip. ``"none"`` (or False): the evaluation
+    transform.
+    """
+    policy = ("imagenet" if augment else "none") if isinstance(augment, bool) else augment
     norm = T.Normalize(mean, std)
-    if augment:
+    if policy == "imagenet":
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
                           T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor(), Lighting(0.1), norm])
+    if policy == "standard":
+        return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), T.ToTensor(), norm,
+                          T.RandomCrop(crop, padding=4), T.RandomHorizontalFlip()])
+    if policy != "none":
+        raise ValueError(f"unknown augmentation {augment!r}; use none, standard or imagenet")
     return eval_transform(crop, resize, mean, std)
 
 
@@ -75,6 +89,17 @@ class _StackCrops:
 
     def __call__(self, crops) -> torch.Tensor:
         return torch.stack([self.norm(self.to_tensor(c)) for c in crops])
+
+
+PROBE_LIMIT = 50_000  # more files than this, and reading their headers would delay the start
+
+
+def _opens(path: str) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # PIL raises many types for truncated or foreign files
+        return False
 
 
 class SafeImageFolder(Dataset):
@@ -118,6 +143,16 @@ class SafeImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def count_readable(self, limit: int = PROBE_LIMIT) -> int:
+        """How many samples open as images (their headers parse), for the training header.
+
+        Only headers are read, so a file damaged further in is still found (and reported) when
+        an epoch reads it; above ``limit`` samples nothing is probed and all are counted.
+        """
+        if len(self.samples) > limit:
+            return len(self.samples)
+        return sum(_opens(path) for path, _ in self.samples)
+
     def __getitem__(self, key: int | tuple[int, int | None]) -> Any:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
@@ -160,6 +195,14 @@ class FolderLoader(ShardedBatches):
         self.workers, self.strict, self.pin_memory = workers, strict, pin_memory
         self.reported: set[str] = set()
         self.rank, self.world_size, self.keep_tail = 0, 1, True
+        self._readable: int | None = None
+
+    @property
+    def readable(self) -> int:
+        """Images of the dataset that will be read (files whose image header parses)."""
+        if self._readable is None:
+            self._readable = self.dataset.count_readable()
+        return self._readable
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
@@ -223,7 +266,7 @@ def build_folder_data(cfg, device, splits=("train", "val", "test"),
             continue
         training = split == "train"
         if training:
-            tf = train_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std, cfg.augment)
+            tf = train_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std, cfg.augmentation)
         elif ten_crop:
             tf = ten_crop_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,6 +19,13 @@ from typing import Any
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Training-time augmentation policies (--augment): "standard" is the paper's CIFAR "+" (pad 4,
+# random crop, horizontal flip); "imagenet" its ImageNet one (random-resized crop, flip, colour
+# jitter, lighting). A recipe's "auto" picks by the crop: ImageNet's scale and aspect crops are
+# made for photos, and cut most of a small image away.
+AUGMENTATIONS = ("none", "standard", "imagenet")
+SMALL_IMAGE = 64  # crops up to this size get "standard" under "auto"
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class Recipe:
 
     name: str
     dataset: str  # digits | cifar10 | cifar100 | svhn | folder
-    augment: bool  # CIFAR "+": pad 4, random crop, flip; ImageNet: scale/aspect, flip, colour
+    augment: str  # one of AUGMENTATIONS, or "auto" (chosen by the crop size)
     model: str
     epochs: int
     batch_size: int
@@ -58,7 +66,8 @@ def _cifar(name: str, dataset: str, augment: bool, mean, std, error: str) -> Rec
     kind = "standard augmentation (pad 4, random crop 32, flip)" if augment else \
         "no augmentation, dropout 0.2"
     return Recipe(
-        name=name, dataset=dataset, augment=augment, model="densenet-bc-100-k12", epochs=300,
+        name=name, dataset=dataset, augment="standard" if augment else "none",
+        model="densenet-bc-100-k12", epochs=300,
         batch_size=64, milestones=(0.5, 0.75), drop_rate=0.0 if augment else 0.2,
         holdout=5000, val_split=0, crop=32, mean=mean, std=std,
         paper_error=error, description=f"{dataset.upper()}, 300 epochs, {kind}",
@@ -70,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
     # epochs it costs accuracy (99.7% -> 95.6% measured), and the paper's rule is for CIFAR/SVHN.
     # 20 epochs, not 15: seeds 0/1/2 measured 98.9/99.7/99.4% at 15 and 99.2% each at 20.
     "digits": Recipe(
-        name="digits", dataset="digits", augment=False, model="densenet-bc-40-k12", epochs=20,
+        name="digits", dataset="digits", augment="none", model="densenet-bc-40-k12", epochs=20,
         batch_size=64, milestones=(0.5, 0.75), drop_rate=0.0, crop=8,
         mean=(0.3054,), std=(0.3761,),  # of the training split, pixels scaled to [0, 1]
         # Ops on 8x8 maps are too small to split across cores; with other processes on the
@@ -89,26 +98,26 @@ RECIPES: dict[str, Recipe] = {
                         "22.27% (DenseNet-BC L=100 k=12)"),
     # SVHN: train + extra, pixels / 255 and nothing else, test error at the best-validation epoch.
     "svhn": Recipe(
-        name="svhn", dataset="svhn", augment=False, model="densenet-bc-100-k12", epochs=40,
+        name="svhn", dataset="svhn", augment="none", model="densenet-bc-100-k12", epochs=40,
         batch_size=64, milestones=(0.5, 0.75), drop_rate=0.2, holdout=6000, val_split=6000,
         crop=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         paper_error="1.76% (DenseNet-BC L=100 k=12)",
         description="SVHN train + extra (604,388 images), 40 epochs, pixels / 255, dropout 0.2",
     ),
     "imagenet": Recipe(
-        name="imagenet", dataset="folder", augment=True, model="densenet121", epochs=90,
+        name="imagenet", dataset="folder", augment="imagenet", model="densenet121", epochs=90,
         batch_size=256, milestones=(1 / 3, 2 / 3), drop_rate=0.0, crop=224, resize=256,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_split="val",
         paper_error="25.02% top-1 / 7.71% top-5 single-crop, 23.61 / 6.66 10-crop (DenseNet-121)",
         description="ImageNet (train/ and val/ folders), 90 epochs, lr / 10 at 30 and 60",
     ),
     "folder": Recipe(
-        name="folder", dataset="folder", augment=True, model="densenet121", epochs=90,
+        name="folder", dataset="folder", augment="auto", model="densenet121", epochs=90,
         batch_size=64, milestones=(1 / 3, 2 / 3), drop_rate=0.0, crop=224, resize=256,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_split="val",
         paper_error="none (your dataset)",
-        description="any ImageFolder-style dataset (train/ and val/ class folders), "
-                    "ImageNet augmentation",
+        description="any ImageFolder-style dataset (train/ and val/ class folders); "
+                    "augmentation by image size (--augment)",
     ),
 }
 
@@ -118,6 +127,34 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def default_workers() -> int:
+    """Loader processes for image folders on this machine (``--workers``' default).
+
+    0 (decode in the training process) with two usable cores or fewer: there, worker processes
+    only take cores from the training threads (measured 5.4x slower with 4 workers on 2 cores).
+    Otherwise one per usable core but the trainer's, at most 8.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may run on
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(cores - 1, 8)
+
+
+def augmentation_for(policy: str, crop: int) -> str:
+    """Resolve a recipe's ``"auto"`` by the crop size; other policies pass through."""
+    if policy == "auto":
+        return "standard" if crop <= SMALL_IMAGE else "imagenet"
+    return policy
+
+
+def check_amp(amp: str | None, device: Any) -> None:
+    """Refuse fp16 autocast on a CPU, where it is emulated and tens of times slower."""
+    if amp == "fp16" and str(getattr(device, "type", device)).split(":")[0] == "cpu":
+        raise ValueError("--amp fp16 needs a GPU: on a CPU it is emulated and runs tens of times "
+                         "slower than float32; use --amp bf16 (or no --amp)")
 
 
 def milestone_epochs(fractions: tuple[float, ...], epochs: int) -> list[int]:
@@ -132,7 +169,8 @@ class TrainConfig:
 
     recipe: str = "digits"
     dataset: str = "digits"
-    augment: bool = False
+    augment: bool = False  # whether training images are augmented: augmentation != "none"
+    augmentation: str = "none"  # the policy, one of AUGMENTATIONS
     data_dir: str | None = None
     download: bool = False
     model: str = "densenet-bc-40-k12"
@@ -160,7 +198,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: bool = False
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     memory_efficient: bool = False
     deterministic: bool = False
     strict: bool = False
@@ -173,14 +211,23 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if "augmentation" not in d:  # written before the policy was recorded
+            d["augmentation"] = _policy_of(bool(d.get("augment")), d.get("dataset", "digits"))
+        return cls(**d)
+
+
+def _policy_of(augment: bool, dataset: str) -> str:
+    """The policy a boolean ``augment`` meant: ImageNet's for folders, else the CIFAR one."""
+    return ("imagenet" if dataset == "folder" else "standard") if augment else "none"
 
 
 def resolve(recipe: str = "digits", **overrides: Any) -> TrainConfig:
     """The recipe's hyperparameters with ``overrides`` (None = keep the recipe's) applied.
 
     ``epochs`` also rescales the milestones; ``image_size`` sets the crop (and the resize at
-    the ImageNet ratio 256/224); ``val_split=-1`` means the paper's hold-out size.
+    the ImageNet ratio 256/224); ``val_split=-1`` means the paper's hold-out size;
+    ``augmentation`` is one of :data:`AUGMENTATIONS` (a boolean ``augment`` still works).
     """
     r = get_recipe(recipe)
     o = {k: v for k, v in overrides.items() if v is not None}
@@ -196,8 +243,15 @@ def resolve(recipe: str = "digits", **overrides: Any) -> TrainConfig:
     if "image_size" in o:
         crop = int(o.pop("image_size"))
         resize = int(round(crop * 256 / 224)) if r.resize else None
+    policy = o.pop("augmentation", None)
+    if "augment" in o:
+        given = o.pop("augment")
+        policy = policy or _policy_of(bool(given), r.dataset)
+    policy = augmentation_for(policy or r.augment, crop)
+    _check_augmentation(policy, r)
     cfg = TrainConfig(
-        recipe=r.name, dataset=r.dataset, augment=r.augment, model=r.model, epochs=epochs,
+        recipe=r.name, dataset=r.dataset, augment=policy != "none", augmentation=policy,
+        model=r.model, epochs=epochs,
         batch_size=r.batch_size, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
         dampening=r.dampening, weight_decay=r.weight_decay,
         milestones=milestone_epochs(r.milestones, epochs), gamma=r.gamma,
@@ -207,6 +261,14 @@ def resolve(recipe: str = "digits", **overrides: Any) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **o)
     _check(cfg)
     return cfg
+
+
+def _check_augmentation(policy: str, r: Recipe) -> None:
+    if policy not in AUGMENTATIONS:
+        raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {policy!r}")
+    if policy == "imagenet" and r.dataset != "folder":
+        raise ValueError(f"--augment imagenet is for image folders; the {r.name} images are "
+                         f"{r.crop}x{r.crop}: use --augment standard or none")
 
 
 def _check(cfg: TrainConfig) -> None:

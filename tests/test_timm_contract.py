@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 TARGET_FWD_SIZE, TARGET_BWD_SIZE, TARGET_JIT_SIZE = 384, 128, 128
 TARGET_FFEAT_SIZE, TARGET_FWD_FX_SIZE, TARGET_BWD_FX_SIZE = 96, 128, 128
 MAX_FWD_OUT_SIZE = 448
-MODELS = ["densenet121", "densenet-bc-40-k12"]
+MODELS = ["densenet121", "densenet-bc-40-k12", "rdnet_tiny"]
 
 
 def input_size(model: nn.Module, target: int | None = None) -> tuple[int, ...]:
@@ -173,7 +173,7 @@ def test_model_forward_fx(name):
         assert torch.equal(torch.fx.symbolic_trace(model)(x), out)
 
 
-@pytest.mark.parametrize("name", MODELS[1:])  # the CIFAR net: densenet121's costs ~10 s here
+@pytest.mark.parametrize("name", MODELS[1:2])  # the CIFAR net: densenet121's costs ~10 s here
 def test_model_backward_fx(name):
     model = create_model(name, pretrained=False, num_classes=42).train()
     n_params = sum(p.numel() for p in model.parameters())

@@ -24,8 +24,8 @@ def _entry(name):
         return create_model(name, weights=weights, **kwargs)
 
     build.__name__ = name.replace("-", "_")
-    build.__doc__ = (f"{name}; weights='imagenet' (or pretrained=True) loads torchvision's "
-                     "published weights, weights=PATH a local file; other keyword arguments "
+    build.__doc__ = (f"{name}; weights='imagenet' (or pretrained=True) loads its published "
+                     "weights, weights=PATH a local file; other keyword arguments "
                      "as in densenets.create_model (num_classes, features_only, ...).")
     return build
 
@@ -39,7 +39,14 @@ densenet_bc_100_k12 = _entry("densenet-bc-100-k12")
 densenet_bc_250_k24 = _entry("densenet-bc-250-k24")
 densenet_bc_190_k40 = _entry("densenet-bc-190-k40")
 densenet_40_k12 = _entry("densenet-40-k12")
+densenet264d = _entry("densenet264d")
+densenetblur121d = _entry("densenetblur121d")
+rdnet_tiny = _entry("rdnet_tiny")
+rdnet_small = _entry("rdnet_small")
+rdnet_base = _entry("rdnet_base")
+rdnet_large = _entry("rdnet_large")
 
 __all__ = ["create_model", "load", "densenet121", "densenet161", "densenet169", "densenet201",
            "densenet264", "densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40",
-           "densenet_40_k12"]
+           "densenet_40_k12", "densenet264d", "densenetblur121d", "rdnet_tiny", "rdnet_small",
+           "rdnet_base", "rdnet_large"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -20,6 +21,21 @@ def test_hub_builds_the_zoo():
             create_model(name).config.block_config
     small = torch.hub.load(REPO, "densenet_bc_100_k12", source="local", num_classes=100)
     assert small.config.block_config == (16, 16, 16) and small.config.num_classes == 100
+
+
+
+def test_hub_lists_the_whole_family():
+    spec = importlib.util.spec_from_file_location("hubconf", Path(REPO) / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    family = {"densenet264d", "densenetblur121d", "rdnet_tiny", "rdnet_small", "rdnet_base",
+              "rdnet_large"}
+    assert family <= set(hubconf.__all__) and all(callable(getattr(hubconf, n)) for n in family)
+    expected = {"densenetblur121d": 7_998_088, "rdnet_tiny": 23_863_008}
+    with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+        for name, params in expected.items():
+            model = torch.hub.load(REPO, name, source="local")
+            assert sum(p.numel() for p in model.parameters()) == params, name
 
 
 def test_hub_passes_weights_and_backbone_options(tmp_path):

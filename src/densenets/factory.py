@@ -128,11 +128,13 @@ def _create_densenet(name: str, weights: str | os.PathLike | None, features_only
 
 
 def _builder(name: str):
-    def build(**overrides: Any) -> DenseNet:
+    """A named builder for the zoo entry ``name`` (DenseNet or RDNet)."""
+    def build(**overrides: Any) -> DenseNet | RDNet:
         return create_model(name, **overrides)
 
+    about = IMAGENET.get(name, "RDNet, ECCV 2024")
     build.__name__ = name
-    build.__doc__ = f"{name} ({IMAGENET[name]}); keyword overrides as in create_model."
+    build.__doc__ = f"{name} ({about}); keyword overrides as in create_model."
     return build
 
 
@@ -143,18 +145,7 @@ densenet201 = _builder("densenet201")
 densenet264 = _builder("densenet264")
 densenet264d = _builder("densenet264d")
 densenetblur121d = _builder("densenetblur121d")
-
-
-def _rdnet_builder(name: str):
-    def build(**overrides: Any) -> RDNet:
-        return create_model(name, **overrides)
-
-    build.__name__ = name
-    build.__doc__ = f"{name} (RDNet, ECCV 2024); keyword overrides as in create_model."
-    return build
-
-
-rdnet_tiny = _rdnet_builder("rdnet_tiny")
-rdnet_small = _rdnet_builder("rdnet_small")
-rdnet_base = _rdnet_builder("rdnet_base")
-rdnet_large = _rdnet_builder("rdnet_large")
+rdnet_tiny = _builder("rdnet_tiny")
+rdnet_small = _builder("rdnet_small")
+rdnet_base = _builder("rdnet_base")
+rdnet_large = _builder("rdnet_large")

@@ -127,6 +127,13 @@ def _create_densenet(name: str, weights: str | os.PathLike | None, features_only
     return model
 
 
+def model_from_config(config: dict[str, Any]) -> DenseNet | RDNet:
+    """The architecture a checkpoint's ``model_config`` describes, freshly initialised."""
+    if "growth_rates" in config:  # only RDNet's configuration has one growth rate per block
+        return RDNet(**config)
+    return DenseNet(**config)
+
+
 def _builder(name: str):
     """A named builder for the zoo entry ``name`` (DenseNet or RDNet)."""
     def build(**overrides: Any) -> DenseNet | RDNet:

@@ -63,7 +63,8 @@ def add_model_overrides(p: argparse.ArgumentParser) -> None:
 def model_from_args(args: argparse.Namespace):
     """Build the model a verb was asked for: a zoo name plus overrides, or a variant + --depth."""
     overrides = {k: getattr(args, k) for k in ("growth_rate", "compression", "num_init_features",
-                                              "num_classes", "in_channels", "stem", "drop_rate")
+                                              "num_classes", "in_channels", "stem", "drop_rate",
+                                              "drop_path_rate")
                  if getattr(args, k, None) is not None}
     if getattr(args, "block_config", None):
         overrides["block_config"] = tuple(args.block_config)

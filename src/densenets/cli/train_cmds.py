@@ -18,16 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.densenet import DenseNet
+from ..factory import model_from_config
+from ..models.rdnet import RDNET
 from ..training import distributed, recipes, rundir
 from ..training.checkpoint import load_checkpoint, remove_stale_temporaries
 from ..training.cuda_graphs import check_supported
 from ..training.data import build_data
 from ..training.evaluate import evaluate
-from ..training.loop import Schedule, Trainer, TrainingDiverged
+from ..training.loop import Trainer, TrainingDiverged
+from ..training.mixing import make_mix
+from ..training.optim import UpdateRules, check_graphable
 from ..training.recipes import RECIPES, TrainConfig, default_out_dir, resolve
 from ..training.runlog import write_json
+from ..training.schedule import schedule_of
 from .inspect_cmds import add_model_overrides, model_from_args
+from .train_flags import OVERRIDES, add_recipe_overrides, describe_regimen
 
 ARCH_FLAGS = ("depth", "growth_rate", "compression", "block_config", "num_init_features",
               "num_classes", "in_channels", "stem")
@@ -38,28 +43,15 @@ RESUMABLE = ("epochs", "device", "workers", "data_dir", "download", "stop_after"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a DenseNet with one of the paper's recipes (default: digits)",
-        description="Train with a recipe of the paper; any flag overrides the recipe. With no "
+        "train", help="train a DenseNet or RDNet with a recipe (default: digits)",
+        description="Train with a recipe of the paper or a modern one (digits-modern, "
+                    "imagenet-modern, imagenet-rdnet); any flag overrides the recipe. With no "
                     "arguments: the embedded scikit-learn digits, DenseNet-BC-40 (k=12).")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="dataset + hyperparameters of the paper (default digits)")
     p.add_argument("--model", help="zoo name or variant (default: the recipe's)")
     add_model_overrides(p)
-    g = p.add_argument_group("recipe overrides")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int,
-                   help="global batch: under torchrun it is split evenly over the processes "
-                        "(the paper's batch sizes are global)")
-    g.add_argument("--lr", type=float, help="initial learning rate (divided by 10 at 50%% "
-                                            "and 75%% of the epochs; ImageNet at 1/3 and 2/3)")
-    g.add_argument("--weight-decay", type=float, metavar="WD",
-                   help="L2 weight decay (the paper's 1e-4)")
-    g.add_argument("--val-split", type=int, nargs="?", const=-1, metavar="N",
-                   help="hold N training images out for validation (bare flag: the paper's "
-                        "5000 for CIFAR, 6000 for SVHN)")
-    g.add_argument("--image-size", type=int, help="crop size for folder recipes")
-    g.add_argument("--augment", choices=recipes.AUGMENTATIONS, dest="augmentation", help="training "
-                   "augmentation (default: the recipe's; folder: standard up to 64 px)")
+    add_recipe_overrides(p)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="dataset directory (default data/<dataset>)")
     g.add_argument("--download", action="store_true", default=None,
@@ -125,11 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
     """The recipe with every flag the user gave applied (and the checkpoint to resume)."""
-    names = ("model", "epochs", "batch_size", "lr", "weight_decay", "val_split", "image_size",
-             "data_dir", "download", "strict", "workers", "out", "stop_after", "seed",
-             "deterministic", "threads", "device", "amp", "channels_last", "compile",
-             "cuda_graphs", "memory_efficient", "drop_rate", "augmentation")
-    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
     arch = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k, None) is not None}
     if arch:
         given["model_overrides"] = arch
@@ -189,8 +177,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[str, DenseNet]:
-    """The zoo model the configuration names, sized for the data."""
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[str, Any]:
+    """The zoo model (DenseNet or RDNet) the configuration names, sized for the data."""
     ns = argparse.Namespace(model=cfg.model, depth=None, block_config=None, **{
         k: None for k in ARCH_FLAGS if k not in ("depth", "block_config")})
     for k, v in cfg.model_overrides.items():
@@ -198,6 +186,11 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[s
     ns.num_classes = ns.num_classes or num_classes
     ns.in_channels = ns.in_channels or in_channels
     ns.drop_rate = cfg.drop_rate
+    if cfg.drop_path and cfg.model.strip().lower() not in RDNET:
+        raise ValueError("--drop-path drops residual branches (stochastic depth), which RDNet "
+                         "has; a DenseNet layer's features are concatenated, not added, so there "
+                         "is no branch to drop: use --drop-rate (dropout after each convolution)")
+    ns.drop_path_rate = cfg.drop_path or None
     name, model = model_from_args(ns)
     if model.config.num_classes != num_classes or model.config.in_channels != in_channels:
         raise ValueError(f"the data has {num_classes} classes of {in_channels}-channel images but "
@@ -267,13 +260,17 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
     seed_everything(cfg.seed, cfg.deterministic)
     data = build_data(cfg, device)
     distributed.shard_loaders(data.loaders, d)
+    rules = UpdateRules(cfg.label_smoothing, cfg.accum_steps, cfg.clip_grad, cfg.ema_decay,
+                        make_mix(cfg, data.num_classes))
+    if cfg.cuda_graphs:
+        check_graphable(rules, cfg.optimizer, schedule_of(cfg).per_step())
     if state:
-        model: Any = DenseNet(**state["model_config"])
+        model: Any = model_from_config(state["model_config"])
         name = state["model_name"]
     else:
         name, model = build_model(cfg, data.num_classes, data.in_channels)
-    if cfg.memory_efficient:
-        model.set_memory_efficient(True)
+    if cfg.memory_efficient:  # DenseNet: the memory-efficient blocks; RDNet: checkpointing
+        model.set_grad_checkpointing(True)
     if sync_bn and d.enabled:
         model = distributed.convert_sync_batchnorm(model, device)
     distributed.seed_rank(cfg.seed, d)
@@ -288,9 +285,10 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
     recipe = RECIPES[cfg.recipe]
     trainer = Trainer(
         model, data.loaders["train"], {k: v for k, v in data.loaders.items() if k != "train"},
-        epochs=cfg.epochs, schedule=Schedule(cfg.lr, cfg.milestones, 0.1), run_dir=run_dir,
+        epochs=cfg.epochs, schedule=schedule_of(cfg), run_dir=run_dir,
         momentum=cfg.momentum, nesterov=cfg.nesterov, dampening=cfg.dampening,
-        weight_decay=cfg.weight_decay, device=device, amp=cfg.amp,
+        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+        decay_norm_bias=cfg.decay_norm_bias, rules=rules, device=device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
         stop_after=cfg.stop_after, save_every=args.save_every,
         checkpoint_extra={"model_config": model.config.to_dict(), "model_name": name,
@@ -311,7 +309,8 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, state: dict | None,
         since = f" from step {trainer.step}" if state else ""
         print(f"{'resuming' if state else 'training'} {name} ({params:,} parameters) on "
               f"{cfg.recipe}{since}: {sizes} images; {_n(cfg.epochs, 'epoch')}, batch "
-              f"{cfg.batch_size}, lr {cfg.lr:g}{_drops(cfg)}, {where}; run directory {run_dir}",
+              f"{cfg.batch_size}, lr {cfg.lr:g}{_drops(cfg)} ({describe_regimen(cfg)}), {where}; "
+              f"run directory {run_dir}",
               flush=True)
     try:
         result = trainer.fit()
@@ -350,6 +349,8 @@ def _n(count: int, noun: str) -> str:
 
 
 def _drops(cfg: TrainConfig) -> str:
+    if cfg.schedule != "step":
+        return ""
     drops = [str(m + 1) for m in cfg.milestones if 0 < m < cfg.epochs]
     return f" (/10 from epochs {', '.join(drops)})" if drops else ""
 
@@ -417,7 +418,8 @@ def _eval(args: argparse.Namespace, d: distributed.Dist, device: torch.device) -
     if split not in data.loaders:
         raise ValueError(f"recipe {recipe} has no {split} split here; try --split "
                          f"{'val' if split == 'test' else 'test'}")
-    model = DenseNet(**{**state["model_config"], "memory_efficient": False})
+    model = model_from_config(state["model_config"])
+    model.set_grad_checkpointing(False)  # no backward in evaluation: nothing to save memory for
     model.load_state_dict(state["model"])
     if data.num_classes != model.config.num_classes:
         raise ValueError(f"the {recipe} {split} data has {data.num_classes} classes but the "

@@ -96,3 +96,27 @@ def preprocessing_of(cfg) -> dict[str, Any]:
     """The inference preprocessing a checkpoint records (pixels in [0, 1], then normalised)."""
     return {"resize": cfg.resize, "crop": cfg.crop, "mean": list(cfg.mean),
             "std": list(cfg.std), "interpolation": "bilinear"}
+
+
+class _IterableLoader:
+    """Adapts a plain iterable of (x, y) batches with a length (e.g. a DataLoader): skipping
+    ``start`` batches on resume is exact only if its order is a function of the epoch."""
+
+    def __init__(self, iterable) -> None:
+        self.iterable = iterable
+        self.num_samples = len(getattr(iterable, "dataset", ())) or len(iterable)
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def batches(self, epoch: int, start: int = 0):
+        if hasattr(getattr(self.iterable, "sampler", None), "set_epoch"):
+            self.iterable.sampler.set_epoch(epoch)
+        for b, batch in enumerate(self.iterable):
+            if b >= start:
+                yield batch
+
+
+def as_loader(loader):
+    """Our loaders have ``batches(epoch, start)``; anything else iterable is adapted."""
+    return loader if hasattr(loader, "batches") else _IterableLoader(loader)

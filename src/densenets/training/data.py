@@ -1,7 +1,8 @@
 """Datasets and loaders for each recipe.
 
 Small datasets (digits, CIFAR, SVHN) are held whole as one uint8 tensor on the training device
-and batched, normalised and augmented there: no worker processes, no per-image Python. Image
+and batched, normalised and augmented there: no worker processes, and no per-image Python
+unless a modern recipe's RandAugment, colour jitter or random erasing asks for it. Image
 folders (ImageNet, your own data) stream through :mod:`densenets.training.imagefolder`; the
 batch arithmetic all loaders share is :mod:`densenets.training.batches`.
 
@@ -35,7 +36,7 @@ from .batches import (
     preprocessing_of,
     rank_slice,
 )
-from .imagefolder import build_folder_data
+from .imagefolder import build_folder_data, erasing, pixel_augmentation
 
 SPLIT_SEED = 0  # the digits split and every validation hold-out are fixed, whatever --seed is
 
@@ -226,11 +227,21 @@ class TensorLoader(ShardedBatches):
 
     Augmentation ("+" recipes) is the CIFAR standard: zero-pad 4 pixels after normalising,
     take a random 32x32 crop, flip horizontally with probability 1/2.
+
+    The modern extras (all off by default) are per-image torchvision ops: ``auto_augment``
+    (RandAugment or TrivialAugmentWide) or else ``color_jitter`` on the raw images (uint8, or
+    float in [0, 1]) before normalising, and RandomErasing with probability ``random_erasing``
+    (filled with the mean colour) after the pad-crop-flip. They run image by image on the CPU
+    (a few hundred microseconds each: tiny images would leave a GPU launch-bound). Each image's
+    draws are seeded from (seed, epoch, its index in the dataset), under a forked CPU RNG, so
+    they do not depend on where the epoch resumed, on how a global batch is sharded among
+    processes, or on the global RNG, which they leave untouched.
     """
 
     def __init__(self, data: ArrayData, batch_size: int, mean: list[float], std: list[float],
                  *, shuffle: bool = False, augment: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", pad: int = 4) -> None:
+                 device: str | torch.device = "cpu", pad: int = 4, auto_augment: str = "",
+                 color_jitter: float = 0.0, random_erasing: float = 0.0) -> None:
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.num_samples = len(data)
@@ -241,6 +252,13 @@ class TensorLoader(ShardedBatches):
         self.std = _channel_vector(std, c, device)
         self.scale = 1 / 255 if self.images.dtype == torch.uint8 else 1.0
         self.rank, self.world_size, self.keep_tail = 0, 1, True
+        self.pixel = pixel_augmentation(auto_augment, color_jitter)
+        self.erase = erasing(random_erasing)
+        if self.pixel is not None and c not in (1, 3):
+            raise ValueError(f"auto_augment/color_jitter need 1- or 3-channel images, these have "
+                             f"{c}; turn them off for this dataset")
+        # The pixel ops run on the CPU: keep the CPU images rather than copying back each batch.
+        self.cpu_images = data.images.cpu() if self.pixel is not None else None
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, epoch)
@@ -253,10 +271,30 @@ class TensorLoader(ShardedBatches):
             mine = rank_slice(self.global_size(b), self.rank, self.world_size)
             part = slice(b * bs + mine.start, b * bs + mine.stop)
             sel = order[part].to(dev)
-            x = (self.images[sel].float() * self.scale - self.mean) / self.std
+            if self.pixel is not None:
+                raw = self._per_image(self.pixel, self.cpu_images[order[part]], order[part],
+                                      epoch, 0).to(dev)
+            else:
+                raw = self.images[sel]
+            x = (raw.float() * self.scale - self.mean) / self.std
             if self.augment:
                 x = pad_crop_flip(x, shifts[part].to(dev), flips[part].to(dev), self.pad)
+            if self.erase is not None:
+                x = self._per_image(self.erase, x, order[part], epoch, 1)
             yield x, self.labels[sel]
+
+    def _per_image(self, op, images: torch.Tensor, index: torch.Tensor, epoch: int,
+                   stream: int) -> torch.Tensor:
+        """``op`` on each image, seeded from (seed, epoch, dataset index, stream)."""
+        base = (int(self.seed) * 1_000_003 + int(epoch)) * 10_000_019
+        out = torch.empty_like(images)
+        # Only CPU draws happen here (the ops take their parameters from the CPU generator), so
+        # only that generator is forked and seeded: torch.manual_seed would reset CUDA's too.
+        with torch.random.fork_rng(devices=[]):
+            for j, i in enumerate(index.tolist()):
+                torch.default_generator.manual_seed(((base + i) * 2 + stream) % 2**63)
+                out[j] = op(images[j])
+        return out
 
 
 def _channel_vector(values: list[float], channels: int, device) -> torch.Tensor:
@@ -310,9 +348,13 @@ def build_data(cfg, device: str | torch.device = "cpu", splits=("train", "val", 
             continue
         training = split == "train"
         bs = cfg.batch_size if training else max(cfg.batch_size, 500)
+        # The extras are training augmentation; getattr: configs older than them lack them.
+        extras = dict(auto_augment=getattr(cfg, "auto_augment", ""),
+                      color_jitter=getattr(cfg, "color_jitter", 0.0),
+                      random_erasing=getattr(cfg, "random_erasing", 0.0)) if training else {}
         loaders[split] = TensorLoader(arrays[split], bs, cfg.mean, cfg.std, shuffle=training,
                                       augment=training and cfg.augment, seed=cfg.seed,
-                                      device=device)
+                                      device=device, **extras)
     # These images are whole at the crop size: a larger file must be shrunk to it at inference,
     # not cut from its middle, so checkpoints record that resize explicitly.
     pre = {**preprocessing_of(cfg), "resize": cfg.resize or cfg.crop}

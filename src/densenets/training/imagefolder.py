@@ -19,8 +19,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
 
 from .batches import DataBundle, ShardedBatches, epoch_order, preprocessing_of, rank_slice
+from .modern import parse_auto_augment
 
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg (optionally root/test/)"
 
@@ -47,27 +49,83 @@ class Lighting:
         return img + rgb.view(3, 1, 1)
 
 
-def train_transform(crop: int, resize: int | None, mean, std,
-                    augment: bool | str) -> T.Compose:
-    """The training transform of an augmentation policy (``--augment``).
+def pixel_augmentation(auto_augment: str = "", color_jitter: float = 0.0) -> Any | None:
+    """The per-image colour/geometry op of the modern recipes, or None when both are off.
+
+    ``auto_augment`` (``rand-m<M>-n<N>`` or ``trivial``, see
+    :func:`~densenets.training.modern.parse_auto_augment`) gives torchvision's RandAugment or
+    TrivialAugmentWide; otherwise ``color_jitter`` > 0 gives ColorJitter of that brightness,
+    contrast and saturation. Colour jitter is *not* applied while an auto-augment policy is on:
+    the published ImageNet pipelines (timm's, torchvision's) behave so, as the policy already
+    changes colours. The op accepts PIL images and uint8 or float [0, 1] tensors of 1 or 3
+    channels.
+    """
+    kind, args = parse_auto_augment(auto_augment)
+    if not color_jitter >= 0:
+        raise ValueError(f"color_jitter must be >= 0 (0 turns it off), got {color_jitter}")
+    if kind == "rand":
+        return v2.RandAugment(num_ops=args["num_ops"], magnitude=args["magnitude"])
+    if kind == "trivial":
+        return v2.TrivialAugmentWide()
+    if color_jitter > 0:
+        return v2.ColorJitter(color_jitter, color_jitter, color_jitter)
+    return None
+
+
+def erasing(random_erasing: float = 0.0) -> Any | None:
+    """RandomErasing with probability ``random_erasing`` (None when 0), for normalised images.
+
+    The patch is filled with 0, which after normalisation is the mean colour.
+    """
+    if not 0 <= random_erasing <= 1:
+        raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
+    return v2.RandomErasing(p=random_erasing, value=0) if random_erasing > 0 else None
+
+
+def train_transform(crop: int, resize: int | None, mean, std, augment: bool | str, *,
+                    auto_augment: str = "", color_jitter: float = 0.0,
+                    random_erasing: float = 0.0) -> T.Compose:
+    """The training transform of an augmentation policy (``--augment``) and its extras.
 
     ``"imagenet"`` (or True): scale/aspect crop, flip, colour jitter and lighting.
     ``"standard"``: the paper's CIFAR "+": the evaluation resize and centre crop, then zero-pad 4
     pixels after normalising (so padding is the mean colour, as for the in-memory datasets),
     a random crop back to size and a horizontal flip. ``"none"`` (or False): the evaluation
-    transform.
+    transform. ``"modern"``: the scale/aspect crop and flip of current ImageNet recipes.
+
+    The extras apply on top of any policy: the op of :func:`pixel_augmentation` (RandAugment or
+    TrivialAugmentWide for ``auto_augment``, else ColorJitter for ``color_jitter``; colour
+    jitter is skipped while an auto-augment policy is on, as in the published ImageNet
+    pipelines) runs on the PIL image before it becomes a tensor, and RandomErasing with
+    probability ``random_erasing`` runs last, after normalising, filling with the mean colour.
+    ``"imagenet"`` keeps the paper's own jitter and takes no second one from ``color_jitter``.
+    Without extras every policy is exactly what it was before the extras existed.
     """
     policy = ("imagenet" if augment else "none") if isinstance(augment, bool) else augment
+    if policy not in ("none", "standard", "imagenet", "modern"):
+        raise ValueError(f"unknown augmentation {augment!r}; use none, standard, imagenet or "
+                         "modern")
+    # ImageNet has its own jitter: drop a second one (a negative value still reaches the check).
+    own_jitter = policy == "imagenet" and color_jitter >= 0
+    pixel = pixel_augmentation(auto_augment, 0.0 if own_jitter else color_jitter)
+    erase = erasing(random_erasing)
+    colour = [pixel] if pixel is not None else []
+    last = [erase] if erase is not None else []
     norm = T.Normalize(mean, std)
     if policy == "imagenet":
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
-                          T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor(), Lighting(0.1), norm])
+                          T.ColorJitter(0.4, 0.4, 0.4), *colour, T.ToTensor(), Lighting(0.1),
+                          norm, *last])
+    if policy == "modern":
+        return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *colour,
+                          T.ToTensor(), norm, *last])
     if policy == "standard":
-        return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), T.ToTensor(), norm,
-                          T.RandomCrop(crop, padding=4), T.RandomHorizontalFlip()])
-    if policy != "none":
-        raise ValueError(f"unknown augmentation {augment!r}; use none, standard or imagenet")
-    return eval_transform(crop, resize, mean, std)
+        return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), *colour, T.ToTensor(),
+                          norm, T.RandomCrop(crop, padding=4), T.RandomHorizontalFlip(), *last])
+    if not colour and not last:
+        return eval_transform(crop, resize, mean, std)
+    return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), *colour, T.ToTensor(),
+                      norm, *last])
 
 
 def eval_transform(crop: int, resize: int | None, mean, std) -> T.Compose:
@@ -163,8 +221,10 @@ class SafeImageFolder(Dataset):
             return BadSample(path, f"{type(e).__name__}: {e}")
         if seed is None:
             return self.transform(img), target
+        # Only the CPU generator is forked, so only it is seeded: torch.manual_seed would also
+        # reset the caller's CUDA generator (workers=0 runs this in the training process).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.transform(img), target
 
 
@@ -266,7 +326,11 @@ def build_folder_data(cfg, device, splits=("train", "val", "test"),
             continue
         training = split == "train"
         if training:
-            tf = train_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std, cfg.augmentation)
+            # getattr: a config written before the modern recipes has none of the extras.
+            tf = train_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std, cfg.augmentation,
+                                 auto_augment=getattr(cfg, "auto_augment", ""),
+                                 color_jitter=getattr(cfg, "color_jitter", 0.0),
+                                 random_erasing=getattr(cfg, "random_erasing", 0.0))
         elif ten_crop:
             tf = ten_crop_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std)
         else:

@@ -1,14 +1,13 @@
-"""The training loop: SGD with a step schedule for any ``nn.Module``, and nothing lost.
+"""The training loop: the paper's SGD or a modern recipe for any ``nn.Module``, nothing lost.
 
 The loop knows nothing of DenseNet: it takes a module, a training loader with
 ``batches(epoch, start)`` and named evaluation loaders. It writes a run directory
 (``metrics.csv``, ``curves.png``, ``last.pt``, ``best.pt``, ``summary.json``) through one
 function, saves atomically, stops cleanly on SIGINT/SIGTERM (finishing the step and saving a
 mid-epoch checkpoint), stops on a non-finite loss without overwriting the last good checkpoint,
-and resumes bit for bit. Under torchrun (``dist``, see :mod:`densenets.training.distributed`) every
-process runs this loop on its share of each batch; only rank 0 writes and prints, the
-processes agree at fixed steps whether to stop (a signal, a non-finite loss), and evaluation
-sums the counts of all processes.
+and resumes bit for bit (schedule, EMA and mixing included). Under torchrun (``dist``) every
+process runs this loop on its share of each batch; only rank 0 writes and prints, the processes
+agree at fixed steps whether to stop (a signal, a non-finite loss), and evaluation sums counts.
 """
 
 from __future__ import annotations
@@ -16,40 +15,36 @@ from __future__ import annotations
 import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .batches import as_loader
 from .cuda_graphs import GraphedTrainStep, check_supported
 from .distributed import Dist, gather_rng, restore_rng, wrap_ddp
 from .evaluate import autocast, evaluate
+from .optim import (
+    UpdateRules,
+    build_ema,
+    build_optimizer,
+    check_graphable,
+    clip_gradients,
+    no_sync,
+)
 from .runlog import EpochProgress, write_curves, write_json, write_metrics
+from .schedule import Schedule
+from .signals import EXIT_SIGNAL, StopOnSignal
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells do
-
+__all__ = ["FitResult", "Schedule", "Trainer", "TrainingDiverged", "wrap_model"]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving over good checkpoints."""
-
-
-@dataclass
-class Schedule:
-    """Step decay: ``lr * gamma ** (number of milestones <= epoch)``; a pure function of epoch."""
-
-    lr: float
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-
-    def lr_at(self, epoch: int) -> float:
-        return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
 
 
 @dataclass
@@ -71,35 +66,14 @@ def wrap_model(model: nn.Module, compile: bool = False, dist: Dist | None = None
     return torch.compile(model) if compile else model
 
 
-class _IterableLoader:
-    """Adapts a plain iterable of (x, y) batches with a length (e.g. a DataLoader): skipping
-    ``start`` batches on resume is exact only if its order is a function of the epoch."""
-
-    def __init__(self, iterable) -> None:
-        self.iterable = iterable
-        self.num_samples = len(getattr(iterable, "dataset", ())) or len(iterable)
-
-    def __len__(self) -> int:
-        return len(self.iterable)
-
-    def batches(self, epoch: int, start: int = 0):
-        if hasattr(getattr(self.iterable, "sampler", None), "set_epoch"):
-            self.iterable.sampler.set_epoch(epoch)
-        for b, batch in enumerate(self.iterable):
-            if b >= start:
-                yield batch
-
-
-def as_loader(loader):
-    """Our loaders have ``batches(epoch, start)``; anything else iterable is adapted."""
-    return loader if hasattr(loader, "batches") else _IterableLoader(loader)
-
-
-class Trainer:
+class Trainer(StopOnSignal):
     """Train ``model`` on ``train_loader``; evaluate on ``eval_loaders`` after every epoch.
 
     Optimiser: SGD with (Nesterov) momentum and weight decay on every parameter, as in the
-    paper. ``select_on`` names the evaluation split whose top-1 error picks ``best.pt``
+    paper, or ``optimizer="adamw"``; ``decay_norm_bias=False`` exempts 1-D parameters from
+    weight decay; ``rules`` adds label smoothing, mixing, accumulation, clipping and an EMA
+    (evaluated beside the model: ``<split>_ema_*`` metrics). ``select_on`` names the
+    evaluation split whose top-1 error picks ``best.pt``
     (default: ``val`` if present, else the first split). ``checkpoint_extra`` is merged into
     every checkpoint (model_config, model_name, meta, config).
     """
@@ -107,7 +81,9 @@ class Trainer:
     def __init__(self, model: nn.Module, train_loader, eval_loaders: dict[str, Any], *,
                  epochs: int, schedule: Schedule, run_dir: str | Path,
                  momentum: float = 0.9, nesterov: bool = True, dampening: float = 0.0,
-                 weight_decay: float = 1e-4, device: str | torch.device = "cpu",
+                 weight_decay: float = 1e-4, optimizer: str = "sgd",
+                 decay_norm_bias: bool = True, rules: UpdateRules | None = None,
+                 device: str | torch.device = "cpu",
                  amp: str | None = None, channels_last: bool = False, compile: bool = False,
                  cuda_graphs: bool = False, select_on: str | None = None,
                  stop_after: int | None = None, save_every: int | None = None,
@@ -115,6 +91,9 @@ class Trainer:
                  summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
                  progress: bool | None = None, log: Callable[[str], None] | None = None,
                  dist: Dist | None = None) -> None:
+        self.rules = rules or UpdateRules()
+        if cuda_graphs:  # checked first: it needs no device
+            check_graphable(self.rules, optimizer, schedule.per_step())
         self.device = torch.device(device)
         self.dist = dist or Dist()
         self.model = model.to(self.device)
@@ -130,9 +109,11 @@ class Trainer:
         self.save_every = save_every  # also write last.pt every N steps, not only per epoch
         self.select_on = select_on or ("val" if "val" in eval_loaders else
                                        next(iter(eval_loaders), None))
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=schedule.lr,
-                                         momentum=momentum, dampening=dampening,
-                                         weight_decay=weight_decay, nesterov=nesterov)
+        self.optimizer = build_optimizer(
+            self.model, optimizer, lr=schedule.lr, weight_decay=weight_decay,
+            decay_norm_bias=decay_norm_bias, momentum=momentum, nesterov=nesterov,
+            dampening=dampening)
+        self.ema = build_ema(self.model, self.rules.ema_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.graphed: GraphedTrainStep | None = None
         if cuda_graphs:
@@ -155,6 +136,7 @@ class Trainer:
         self._stand_in: tuple[torch.Tensor, torch.Tensor] | None = None  # see _train_epoch
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping: int | None = None  # the signal every process agreed to stop on
+
 
     # ------------------------------------------------------------------ distributed seams
     def _is_main(self) -> bool:
@@ -186,9 +168,8 @@ class Trainer:
             "format": ckpt.FORMAT, "version": ckpt.VERSION, **self.extra,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "scheduler": {"type": "multistep", "lr": self.schedule.lr,
-                          "milestones": list(self.schedule.milestones),
-                          "gamma": self.schedule.gamma},
+            "scheduler": self.schedule.to_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "partial": dict(self.partial), "epochs": self.epochs,
             "metrics": self.history, "best": self.best, "rng": ckpt.capture_rng_state(),
@@ -201,6 +182,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if not state.get("ema"):
+                raise ValueError("the checkpoint holds no EMA of the weights, but this run keeps "
+                                 "one (--ema-decay); resume with the stored configuration")
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
         self.partial = dict(state.get("partial") or self.partial)
@@ -227,7 +213,7 @@ class Trainer:
             self.log(f"{self.run_dir} holds all {self.epochs} epochs: nothing left to train")
         while self.epoch < self.epochs:
             epoch = self.epoch
-            lr = self.schedule.lr_at(epoch)
+            lr = self.schedule.lr_at(epoch, 0, self._updates_per_epoch())
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if not self._train_epoch(epoch, lr):
@@ -245,6 +231,9 @@ class Trainer:
         self._write(write_json, summary, self.run_dir / "summary.json")
         return FitResult("completed", 0, summary)
 
+    def _updates_per_epoch(self) -> int:
+        return self.rules.updates_per_epoch(len(self.train_loader))
+
     def _train_epoch(self, epoch: int, lr: float) -> bool:
         """One pass over the training batches; False when a signal asked us to stop."""
         self.net.train()
@@ -255,7 +244,8 @@ class Trainer:
         sums = torch.tensor(carried if self._is_main() else [0.0] * 3,
                             dtype=torch.float64, device=self.device)
         pending: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet checked
-        interrupted = False
+        interrupted, accumulated = False, False  # gradients waiting for their update
+        self.optimizer.zero_grad(set_to_none=True)
         self.progress.start(epoch, self.epochs, len(loader), start)
         for b, (x, y) in enumerate(loader.batches(epoch, start), start):
             n = len(y)
@@ -267,15 +257,20 @@ class Trainer:
                     # all-reduce waits for this process, so it joins the step with its last
                     # batch at weight 0: no gradient and no metrics from it, the same step.
                     x, y = self._stand_in
-            stepped = bool(len(y))  # else a batch of unreadable images only: skipped, counted
-            if stepped:
-                loss, correct = self._train_step(x, y, self._loss_weight(loader, b, n))
+            update, _, ends = self.rules.group(b, len(loader))
+            if len(y):  # else a batch of unreadable images only: skipped, counted
+                loss, correct = self._train_step(x, y, self._loss_weight(loader, b, n),
+                                                 epoch, b, not ends)
+                accumulated = True
                 if n:
                     pending.append((b, loss))
                     sums += torch.stack([loss.double() * n, correct.double(),
                                          torch.tensor(float(n), dtype=torch.float64,
                                                       device=self.device)])
-                self.step += 1
+            stepped = ends and accumulated
+            if stepped:
+                self._update(epoch, update)
+                accumulated = False
             self.step_in_epoch = b + 1
             last = b + 1 == len(loader)
             if self.dist.enabled:  # at the same batches on every process
@@ -291,7 +286,7 @@ class Trainer:
                                      (n - n0) / max(time.perf_counter() - t0, 1e-9))
             if stepped and self.save_every and self.step % self.save_every == 0 and not last:
                 self._save_step(pending, sums, epoch, t0)
-            if self.stopping is not None and not last:
+            if self.stopping is not None and not last and ends:  # never amid an accumulation
                 interrupted = True
                 break
         if pending:
@@ -317,30 +312,56 @@ class Trainer:
             self.partial = in_epoch
 
     def _loss_weight(self, loader, b: int, local: int) -> float:
-        """Scales this process's mean loss so that DDP's average over processes is the mean
-        over the global batch even when the shares differ (the last batch of an epoch)."""
-        if not self.dist.enabled or not hasattr(loader, "global_size"):
+        """Scales this process's mean loss so that the update (DDP's average over processes, the
+        sum over accumulated batches) is the mean over all its images even when the shares
+        differ (the last batch of an epoch)."""
+        update, size, _ = self.rules.group(b, len(loader))
+        if not hasattr(loader, "global_size"):
+            return 1.0 / size
+        if not self.dist.enabled and size == 1:
             return 1.0
-        return local * self.dist.world_size / loader.global_size(b)
+        first = update * self.rules.accum_steps
+        total = sum(loader.global_size(i) for i in range(first, first + size))
+        return local * self.dist.world_size / total
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
-                    weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0,
+                    epoch: int = 0, b: int = 0,
+                    accumulating: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one batch (the update itself is :meth:`_update`)."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        target = y
+        if self.rules.mix is not None:
+            x, target = self.rules.mix(x, y, epoch, b, self.dist.rank)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.graphed is not None:
             return self.graphed(x, y)
-        with autocast(self.device, self.amp):
+        with no_sync(self.net, accumulating), autocast(self.device, self.amp):
             logits = self.net(x)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the loss in full precision under autocast
-        loss = F.cross_entropy(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        loss = self.rules.loss(logits, target)
+        with no_sync(self.net, accumulating):
+            self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _update(self, epoch: int, update: int) -> None:
+        """The optimiser step of the accumulated gradients, then the EMA."""
+        self.step += 1
+        if self.graphed is not None:
+            return  # the graphed step already stepped
+        if self.schedule.per_step():
+            lr = self.schedule.lr_at(epoch, update, self._updates_per_epoch())
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        if self.rules.clip_grad:
+            clip_gradients(self.model, self.optimizer, self.scaler, self.rules.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def _check_finite(self, pending: list[tuple[int, torch.Tensor]], epoch: int) -> None:
         values = torch.stack([loss for _, loss in pending]).tolist() if pending else []
@@ -385,6 +406,14 @@ class Trainer:
                          channels_last=self.channels_last, reduce=self._reduce)
             row.update({f"{split}_loss": m["loss"], f"{split}_top1_err": m["top1_err"],
                         f"{split}_top5_err": m["top5_err"]})
+            if self.ema is not None:  # the averaged weights beside the model, same split
+                if self.dist.enabled:
+                    self.dist.broadcast_buffers(self.ema.module)
+                m = evaluate(self.ema.module, loader, self.device, amp=self.amp,
+                             channels_last=self.channels_last, reduce=self._reduce)
+                row.update({f"{split}_ema_loss": m["loss"],
+                            f"{split}_ema_top1_err": m["top1_err"],
+                            f"{split}_ema_top5_err": m["top5_err"]})
         row["seconds"] = p["seconds"] + time.perf_counter() - t0
         row["images_per_s"] = p["n"] / max(p["seconds"], 1e-9)
         self.history.append(row)
@@ -419,29 +448,3 @@ class Trainer:
                 "steps": self.step, "seconds": seconds,
                 "images_per_s": sum(r["images_per_s"] for r in h) / len(h) if h else None,
                 "final": h[-1] if h else None, "best": self.best, "at_best": at_best}
-
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-        for sig in EXIT_SIGNAL:
-            previous[sig] = signal.signal(sig, self._on_signal)
-        return previous
-
-    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is not None:
-            # Ctrl-C under torchrun reaches a worker twice (SIGINT from the terminal, SIGTERM
-            # from torchrun): only a repeat of the same signal means "abort without saving".
-            if self.dist.enabled and signum != self.stop_signal:
-                return
-            signal.signal(signum, signal.SIG_DFL)  # a second signal: stop now, without saving
-            raise KeyboardInterrupt
-        self.stop_signal = signum
-        if self.dist.is_main:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
-                  "(send again to abort without saving)", file=sys.stderr, flush=True)

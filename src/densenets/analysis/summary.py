@@ -248,13 +248,25 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
 def model_stats(name: str, **overrides) -> dict:
     """Parameters and MACs of a zoo model at its native input size, computed on the meta
     device (shapes only, no memory, no arithmetic)."""
-    from ..factory import create_model
-    from ..models.zoo import native_input_size
-
     if name.strip().lower() in RDNET:
         if not overrides:
             return json.loads(_rdnet_stats(name.strip().lower()))
         return _rdnet_stats_now(name, overrides)
+    if not overrides:  # the zoo's fixed entries: computed once per process
+        return json.loads(_densenet_stats(name))
+    return _densenet_stats_now(name, overrides)
+
+
+@functools.cache
+def _densenet_stats(name: str) -> str:
+    """As :func:`_rdnet_stats`: `models` lists every zoo entry, `paper` most of them again."""
+    return json.dumps(_densenet_stats_now(name, {}))
+
+
+def _densenet_stats_now(name: str, overrides: dict) -> dict:
+    from ..factory import create_model
+    from ..models.zoo import native_input_size
+
     with torch.device("meta"):
         model = create_model(name, **overrides)
     size = (1, model.config.in_channels, *native_input_size(name)[1:])

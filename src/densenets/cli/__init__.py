@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench_cmds, inspect_cmds, train_cmds, viz_cmds, weights_cmds
+from . import bench_cmds, eval_cmds, inspect_cmds, train_cmds, viz_cmds, weights_cmds
 
 # Each module exposes register(subparsers); a verb sets func(args) -> int.
-COMMAND_MODULES = [inspect_cmds, viz_cmds, weights_cmds, train_cmds, bench_cmds]
+COMMAND_MODULES = [inspect_cmds, viz_cmds, weights_cmds, train_cmds, eval_cmds, bench_cmds]
 
 
 class UsageError(Exception):

@@ -4,10 +4,10 @@ gradient accumulation, and a bit-exact resume of a run that uses all of them."""
 from __future__ import annotations
 
 import math
-import signal
 
 import pytest
 import torch
+from test_resume import SignalAt  # a loader that sends SIGINT at a chosen batch
 from torch import nn
 
 from densenets import create_model
@@ -130,24 +130,6 @@ def _digits_trainer(run_dir, epochs=2, batch=64, rules=None, interrupt=None, **k
     return Trainer(model, loader, {"test": TensorLoader(test, 500, [0.3], [0.4])},
                    epochs=epochs, schedule=sched, run_dir=run_dir, progress=False,
                    log=lambda s: None, rules=rules or UpdateRules(), **kw)
-
-
-class SignalAt:
-    """Wraps a loader; delivers a real SIGINT to this process while yielding one batch."""
-
-    def __init__(self, inner: TensorLoader, epoch: int, batch: int) -> None:
-        self.inner, self.epoch, self.batch = inner, epoch, batch
-        self.num_samples = inner.num_samples
-        self.global_size = inner.global_size
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def batches(self, epoch: int, start: int = 0):
-        for b, item in enumerate(self.inner.batches(epoch, start), start):
-            if (epoch, b) == (self.epoch, self.batch):
-                signal.raise_signal(signal.SIGINT)
-            yield item
 
 
 def test_ema_equals_a_hand_computation_after_three_updates(tmp_path):

@@ -66,6 +66,7 @@ class SignalAt:
     def __init__(self, inner: TensorLoader, epoch: int, batch: int) -> None:
         self.inner, self.epoch, self.batch = inner, epoch, batch
         self.num_samples = inner.num_samples
+        self.global_size = inner.global_size  # the loop weighs accumulated batches by it
 
     def __len__(self) -> int:
         return len(self.inner)

@@ -57,7 +57,9 @@ def network_stages(model: DenseNet, input_size: tuple[int, int, int] | None = No
     stages = [Stage("input", "input", ["input", f"{c}×{h}×{w}"], c, (h, w))]
     if cfg.stem == "imagenet":
         s = rows["pool0"].output_shape
-        ops = ["conv 7×7/2", "BN-ReLU", "max pool 3×3/2"]
+        convs = ["3× conv 3×3 (first /2)"] if cfg.deep_stem else ["conv 7×7/2"]
+        ops = [*convs, "BN-ReLU", "max pool 3×3 + blur /2" if cfg.blur_pool else
+               "max pool 3×3/2"]
     else:
         s = rows["conv0"].output_shape
         ops = ["conv 3×3"]

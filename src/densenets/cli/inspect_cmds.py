@@ -86,7 +86,7 @@ def model_from_args(args: argparse.Namespace):
 def is_file_spec(spec: str) -> bool:
     """Whether MODEL names a weights file or run directory rather than a zoo name."""
     p = Path(spec)
-    return p.exists() or p.suffix in _FILE_SUFFIXES or "/" in spec or "\\" in spec
+    return p.exists() or p.suffix.lower() in _FILE_SUFFIXES or "/" in spec or "\\" in spec
 
 
 def model_from_file(args: argparse.Namespace):

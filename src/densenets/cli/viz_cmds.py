@@ -7,9 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .inspect_cmds import add_model_overrides, model_from_args
-
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+from .inspect_cmds import add_model_overrides, is_file_spec, model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,11 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _is_file_spec(spec: str) -> bool:
-    """A weights file or a run directory, as opposed to a zoo name."""
-    return Path(spec).suffix.lower() in WEIGHT_SUFFIXES or Path(spec).exists()
-
-
 def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
     path = Path(out)
     if path.suffix.lower() not in suffixes:
@@ -73,7 +66,7 @@ def cmd_reuse(args: argparse.Namespace) -> int:
     from ..analysis import reuse
 
     out = _output_path(args.output, (".png", ".svg"))
-    if _is_file_spec(args.model):
+    if is_file_spec(args.model):
         from ..weights.files import read_checkpoint
 
         # Any DenseNet weights: our checkpoints, torchvision's (current or legacy keys), timm's,
@@ -103,7 +96,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
 
     out = _output_path(args.output, (".svg", ".png"))
     input_size = tuple(args.input_size) if args.input_size else None
-    if _is_file_spec(args.model):
+    if is_file_spec(args.model):
         model = load(args.model)
         meta = model.weights_meta
         name = meta.get("model_name") or args.model

@@ -60,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="CHECKPOINT_OR_MODEL",
                    help="weights file, run directory, or zoo name (random weights)")
-    p.add_argument("--weights", metavar="imagenet|PATH",
-                   help="for a zoo name: torchvision's ImageNet weights or a local file")
+    p.add_argument("--weights", metavar="imagenet|hf-hub:ORG/NAME|PATH",
+                   help="for a zoo name: the published ImageNet weights (torchvision's; the "
+                        "Hub's for densenetblur121d and RDNet), a Hub repository or a local file")
     add_model_overrides(p)
 
 

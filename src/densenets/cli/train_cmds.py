@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ..factory import model_from_config
-from ..models.rdnet import RDNET
 from ..training import distributed, recipes, rundir
 from ..training.checkpoint import load_checkpoint, remove_stale_temporaries
 from ..training.cuda_graphs import check_supported
@@ -165,10 +164,6 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> tuple[s
     ns.num_classes = ns.num_classes or num_classes
     ns.in_channels = ns.in_channels or in_channels
     ns.drop_rate = cfg.drop_rate
-    if cfg.drop_path and cfg.model.strip().lower() not in RDNET:
-        raise ValueError("--drop-path drops residual branches (stochastic depth), which RDNet "
-                         "has; a DenseNet layer's features are concatenated, not added, so there "
-                         "is no branch to drop: use --drop-rate (dropout after each convolution)")
     ns.drop_path_rate = cfg.drop_path or None
     name, model = model_from_args(ns)
     if model.config.num_classes != num_classes or model.config.in_channels != in_channels:

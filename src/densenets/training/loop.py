@@ -1,13 +1,13 @@
 """The training loop: the paper's SGD or a modern recipe for any ``nn.Module``, nothing lost.
 
-The loop knows nothing of DenseNet: it takes a module, a training loader with
-``batches(epoch, start)`` and named evaluation loaders. It writes a run directory
-(``metrics.csv``, ``curves.png``, ``last.pt``, ``best.pt``, ``summary.json``) through one
-function, saves atomically, stops cleanly on SIGINT/SIGTERM (finishing the step and saving a
-mid-epoch checkpoint), stops on a non-finite loss without overwriting the last good checkpoint,
-and resumes bit for bit (schedule, EMA and mixing included). Under torchrun (``dist``) every
-process runs this loop on its share of each batch; only rank 0 writes and prints, the processes
-agree at fixed steps whether to stop (a signal, a non-finite loss), and evaluation sums counts.
+The loop knows nothing of DenseNet: it takes a module, a training loader with ``batches(epoch,
+start)`` and named evaluation loaders. It writes a run directory (``metrics.csv``, ``curves.png``,
+``last.pt``, ``best.pt``, ``summary.json``) through one function, saves atomically, stops
+cleanly on SIGINT/SIGTERM (finishing the step and saving a mid-epoch checkpoint), stops on a
+non-finite loss without overwriting the last good checkpoint, and resumes bit for bit
+(schedule, EMA and mixing included). Under torchrun (``dist``) every process runs this loop on
+its share of each batch; only rank 0 writes and prints, the processes agree at fixed steps
+whether to stop (a signal, a non-finite loss), and evaluation sums counts.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from .runlog import EpochProgress, write_curves, write_json, write_metrics
 from .schedule import Schedule
 from .signals import EXIT_SIGNAL, StopOnSignal
 
-__all__ = ["FitResult", "Schedule", "Trainer", "TrainingDiverged", "wrap_model"]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving over good checkpoints."""
@@ -73,9 +72,9 @@ class Trainer(StopOnSignal):
     paper, or ``optimizer="adamw"``; ``decay_norm_bias=False`` exempts 1-D parameters from
     weight decay; ``rules`` adds label smoothing, mixing, accumulation, clipping and an EMA
     (evaluated beside the model: ``<split>_ema_*`` metrics). ``select_on`` names the
-    evaluation split whose top-1 error picks ``best.pt``
-    (default: ``val`` if present, else the first split). ``checkpoint_extra`` is merged into
-    every checkpoint (model_config, model_name, meta, config).
+    evaluation split whose top-1 error picks ``best.pt`` (default: ``val`` if present, else the
+    first split). ``checkpoint_extra`` is merged into every checkpoint (model_config,
+    model_name, meta, config).
     """
 
     def __init__(self, model: nn.Module, train_loader, eval_loaders: dict[str, Any], *,
@@ -136,7 +135,6 @@ class Trainer(StopOnSignal):
         self._stand_in: tuple[torch.Tensor, torch.Tensor] | None = None  # see _train_epoch
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping: int | None = None  # the signal every process agreed to stop on
-
 
     # ------------------------------------------------------------------ distributed seams
     def _is_main(self) -> bool:
@@ -344,7 +342,8 @@ class Trainer(StopOnSignal):
         loss = self.rules.loss(logits, target)
         with no_sync(self.net, accumulating):
             self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        label = target.argmax(1) if target.ndim == 2 else y  # mixed: the dominant image's class
+        return loss.detach(), (logits.detach().argmax(1) == label).sum()
 
     def _update(self, epoch: int, update: int) -> None:
         """The optimiser step of the accumulated gradients, then the EMA."""

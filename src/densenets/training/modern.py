@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models.rdnet import RDNET
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 
@@ -44,6 +46,10 @@ def check_modern(cfg: Any) -> None:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} is a probability in [0, 1], got "
                              f"{getattr(cfg, name)}")
+    if cfg.drop_path and cfg.model.strip().lower() not in RDNET:
+        raise ValueError("--drop-path drops residual branches (stochastic depth), which RDNet "
+                         "has; a DenseNet layer's features are concatenated, not added, so there "
+                         "is no branch to drop: use --drop-rate (dropout after each convolution)")
     if cfg.accum_steps < 1:
         raise ValueError(f"--accum-steps must be >= 1 batch per step, got {cfg.accum_steps}")
     parse_auto_augment(cfg.auto_augment)

@@ -135,6 +135,11 @@ def _setup_context(ctx, inputs, output) -> None:
     _, params, *args = inputs
     ctx.args, ctx.n_params = tuple(args), len(params)
     ctx.save_for_backward(output[0], *params, *output[1:])
+    # Only the block's output carries a gradient. Without this, autograd would hand backward a
+    # zero gradient the size of every other output (the saved normalised block, the bottleneck
+    # maps): transient memory of the whole block once more, in every block's backward.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grads):

@@ -136,7 +136,8 @@ MODERN_RECIPES: dict[str, Recipe] = {
                  "no magnitude noise (mstd) nor the increasing-severity ops (inc1), so m9 n2",
                  "colour jitter 0.4 is recorded but, as in the published pipeline, not applied "
                  "while RandAugment is on",
-                 "batch 1024 (lr 1e-3 is given for it); resize 249 = 224 / crop_pct 0.9"),
+                 "batch 1024 assumed (not among the published values: scale lr with it); "
+                 "resize 249 = 224 / crop_pct 0.9"),
         paper_error="RDNet-T 82.8% top-1 (ImageNet-1k, 224 px, published)",
         description="ImageNet folders, RDNet's recipe: AdamW, cosine with warm-up, RandAugment, "
                     "mixup/cutmix, label smoothing, random erasing, drop path by model size"),

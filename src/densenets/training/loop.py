@@ -400,14 +400,14 @@ class Trainer(StopOnSignal):
             # wait for it in a collective.
             self.dist.broadcast_buffers(self.model)
             net = self.model
+            if self.ema is not None:  # each process averaged its own BN statistics
+                self.dist.broadcast_buffers(self.ema.module)
         for split, loader in self.eval_loaders.items():
             m = evaluate(net, loader, self.device, amp=self.amp,
                          channels_last=self.channels_last, reduce=self._reduce)
             row.update({f"{split}_loss": m["loss"], f"{split}_top1_err": m["top1_err"],
                         f"{split}_top5_err": m["top5_err"]})
             if self.ema is not None:  # the averaged weights beside the model, same split
-                if self.dist.enabled:
-                    self.dist.broadcast_buffers(self.ema.module)
                 m = evaluate(self.ema.module, loader, self.device, amp=self.amp,
                              channels_last=self.channels_last, reduce=self._reduce)
                 row.update({f"{split}_ema_loss": m["loss"],

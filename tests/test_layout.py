@@ -14,14 +14,16 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "densenets"
 SUBPACKAGES = {"models", "efficient", "weights", "training", "analysis", "deploy", "cli"}
 # What each subpackage may import from the others: the architecture's layers, bottom up.
+# ``constants`` sits below everything: any layer may read it.
 ALLOWED = {
-    "models": {"efficient"},
-    "efficient": set(),
-    "weights": {"models", "digest"},
-    "training": {"models", "weights", "digest"},
-    "analysis": {"models", "weights", "efficient", "training", "factory"},
-    "deploy": {"models", "weights"},
-    "cli": SUBPACKAGES | {"factory", "digest", "__init__"},
+    "models": {"efficient", "constants"},
+    "efficient": {"constants"},
+    "weights": {"models", "digest", "constants"},
+    "training": {"models", "weights", "digest", "constants"},
+    "analysis": {"models", "weights", "efficient", "training", "factory", "constants"},
+    "deploy": {"models", "weights", "constants"},
+    "cli": SUBPACKAGES | {"factory", "digest", "constants", "__init__"},
+    "constants": set(),
 }
 
 

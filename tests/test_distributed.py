@@ -1,6 +1,8 @@
-"""Training on several processes: DDP over gloo with 2 CPU processes started by torchrun.
+"""Training on several processes: DDP over gloo with 2 CPU processes.
 
-Each torchrun job runs a small worker script (written below) that calls ``densenets train``;
+The memory-efficient model's DDP gradients are checked in two processes started by
+torch.multiprocessing (a file store, no launcher). The training jobs run under torchrun: each
+torchrun job runs a small worker script (written below) that calls ``densenets train``;
 it can shrink the digits training set (``LIMIT``), write each process's parameters after the
 run (``DUMP``) and its pid at the start (``PIDS``), so a test can see every rank, not only
 the run directory that rank 0 writes.
@@ -8,27 +10,36 @@ the run directory that rank 0 writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from support import (
+    finish,
+    load_pt,
+    rel,
+    spawn,
+    succeed,
+    torchrun,
+    vary_bn,
+    wait_for,
+    write_image_folder,
+)
 
 import densenets.training.data as data_mod
+from densenets import DenseNet
 from densenets.cli import main
+from densenets.efficient import dispatch
 from densenets.training.batches import rank_slice
 from densenets.training.data import ArrayData, TensorLoader
 from densenets.training.distributed import local_batch_size
 
 TINY = ["--model", "densenet-bc-16-k4"]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-JOB_TIMEOUT = 120  # seconds: a job that hangs fails its test instead of the suite
 
 WORKER = '''
 import os, sys, torch
@@ -67,61 +78,9 @@ def worker(tmp_path) -> Path:
     return path
 
 
-def torchrun(worker: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """A 2-process gloo job on this machine (free port, so tests may run side by side)."""
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "--monitor-interval=0.5",
-           str(worker), "train", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **popen)
-
-
-def finish(job: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> tuple[int, str, str]:
-    try:
-        out, err = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(job.pid)
-        out, err = job.communicate()
-        pytest.fail(f"torchrun job still running after {timeout} s:\n{out}\n{err}")
-    return job.returncode, out, err
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants (torchrun starts its workers in new sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    for p in reversed(tree):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-
-
-def run_job(worker: Path, *args: str, env: dict | None = None) -> tuple[str, str]:
-    code, out, err = finish(torchrun(worker, *args, env=env))
-    assert code == 0, f"exit {code}\n{out}\n{err}"
-    return out, err
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-def wait_for(path: Path, job: subprocess.Popen, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        if job.poll() is not None or time.monotonic() > end:
-            finish(job, 1)
-            pytest.fail(f"{path} never appeared (exit {job.returncode})")
-        time.sleep(0.1)
+def train_job(worker: Path, *args: str, env: dict | None = None) -> tuple[str, str]:
+    """``densenets train ARGS`` as a 2-process torchrun job that must succeed."""
+    return succeed(torchrun(worker, "train", *args, env=env))
 
 
 # ---------------------------------------------------------------------------- no processes
@@ -185,13 +144,102 @@ def test_batch_size_is_global_and_must_split_evenly():
 # ---------------------------------------------------------------------------- 2 processes
 
 
+def ddp_model() -> DenseNet:
+    """A float64 DenseNet-BC with every BN tensor off its initial value (same in each process)."""
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=6, num_classes=5,
+                     stem="cifar", bottleneck=True, compression=0.5)
+    return vary_bn(model).double().train()
+
+
+def ddp_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 6 whose halves hold the same 3 images with different labels (see below)."""
+    half = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return torch.cat([half, half]), torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    """One of two processes: the memory-efficient model under DDP on half ``rank`` of
+    :func:`ddp_batch`, once per CPU kernel choice; saves the gradients after DDP's all-reduce
+    and the BN running statistics, under the name of the kernels that ran."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
+    try:
+        x, y = ddp_batch()
+        mine = slice(3 * rank, 3 * rank + 3)
+        results = {}
+        for choice in ("auto", "torch"):  # auto: the C kernels where they build
+            os.environ["DENSENETS_KERNELS"] = choice
+            model = ddp_model().set_memory_efficient(True)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            F.cross_entropy(ddp(x[mine]), y[mine]).backward()
+            results[dispatch.backend("cpu", torch.float64)] = {
+                "grads": {n: p.grad for n, p in model.named_parameters()},
+                "buffers": dict(model.named_buffers())}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    spawn(_ddp_worker, (f"file://{out / 'store'}", str(out)))
+    return [load_pt(out / f"rank{r}.pt") for r in range(2)]
+
+
+NO_C_KERNELS = dispatch.backend("cpu", torch.float64) != "native"
+
+
+@pytest.mark.parametrize("kernels", [
+    pytest.param("native", marks=pytest.mark.skipif(
+        NO_C_KERNELS, reason="no C compiler: the fused CPU kernels cannot be built here")),
+    "torch"])
+def test_ddp_gradients_match_single_process(ddp_ranks, kernels):
+    """Two processes (gloo), each with half the batch: the memory-efficient model's gradients
+    after DDP's all-reduce equal, in float64, the plain model's gradients on the whole batch
+    in one process.
+
+    Without SyncBatchNorm (the memory-efficient path does not run it) each process normalises
+    by its own half's statistics. So the two halves hold the same images with different
+    labels: each half's BN statistics are the whole batch's, the whole-batch loss is the mean
+    of the halves' losses as a function of the weights, and yet each process's own gradient
+    differs from the average (checked below), so only a correct average passes. The BN running
+    statistics are each process's own update, as without SyncBatchNorm: those of the plain
+    model on one half (the unbiased variance divides by 3 - 1 there, not 6 - 1).
+    """
+    plain = ddp_model()
+    x, y = ddp_batch()
+    F.cross_entropy(plain(x), y).backward()
+    want = {n: p.grad for n, p in plain.named_parameters()}
+    alone = ddp_model()
+    F.cross_entropy(alone(x[:3]), y[:3]).backward()
+    assert max(rel(p.grad, want[n]) for n, p in alone.named_parameters()) > 1e-2
+
+    for rank, result in enumerate(ddp_ranks):
+        got = result[kernels]
+        assert got["grads"].keys() == want.keys()
+        for n, g in want.items():
+            assert rel(got["grads"][n], g) < 1e-10, (rank, n)
+        for n, b in alone.named_buffers():
+            if n.endswith("num_batches_tracked"):
+                assert int(got["buffers"][n]) == int(b) == 1, (rank, n)
+            else:
+                assert rel(got["buffers"][n], b) < 1e-10, (rank, n)
+    for n, g in ddp_ranks[0][kernels]["grads"].items():  # replicas agree bit for bit
+        assert torch.equal(g, ddp_ranks[1][kernels]["grads"][n]), n
+
+
+
 def test_two_processes_stay_identical_evaluate_exactly_and_resume(worker, tmp_path, capsys):
     out_dir, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
     args = [*TINY, "--epochs", "3", "--stop-after", "1", "--out", str(out_dir),
             "--memory-efficient", "--channels-last"]
-    out, err = run_job(worker, *args, env={"LIMIT": "200", "DUMP": str(dump)})
-    ranks = [load(dump / f"rank{r}.pt") for r in range(2)]
+    out, err = train_job(worker, *args, env={"LIMIT": "200", "DUMP": str(dump)})
+    ranks = [load_pt(dump / f"rank{r}.pt") for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys()
     for k in ranks[0]:  # DDP keeps the replicas bit for bit equal
         assert torch.equal(ranks[0][k], ranks[1][k]), k
@@ -199,7 +247,7 @@ def test_two_processes_stay_identical_evaluate_exactly_and_resume(worker, tmp_pa
     cfg = json.loads((out_dir / "config.json").read_text())
     assert cfg["distributed"]["world_size"] == 2 and cfg["distributed"]["backend"] == "gloo"
     assert cfg["distributed"]["batch_per_process"] == 32
-    saved = load(out_dir / "last.pt")
+    saved = load_pt(out_dir / "last.pt")
     assert all(torch.equal(saved["model"][k], v) for k, v in ranks[0].items())
 
     # Evaluation under 2 processes == one process on the saved model, over all 360 images.
@@ -212,9 +260,9 @@ def test_two_processes_stay_identical_evaluate_exactly_and_resume(worker, tmp_pa
     # Resume under 2 processes from the saved step.
     steps = saved["step"]
     assert steps == 4  # 200 images, batch 64: 3 full batches and a tail of 8 (4 each)
-    out, err = run_job(worker, "--resume", str(out_dir), env={"LIMIT": "200"})
+    out, err = train_job(worker, "--resume", str(out_dir), env={"LIMIT": "200"})
     assert f"resuming densenet-bc-16-k4 (5,322 parameters) on digits from step {steps}" in out
-    final = load(out_dir / "last.pt")
+    final = load_pt(out_dir / "last.pt")
     assert final["step"] == 3 * steps and final["epoch"] == 3
     assert final["metrics"][0] == saved["metrics"][0]
 
@@ -229,13 +277,13 @@ def test_sync_bn_two_by_32_equals_one_by_64(worker, tmp_path, monkeypatch, updat
     # 349 images: 5 batches of 64 and a tail of 29 split 15/14, which DDP must weigh right;
     # "modern": AdamW, per-step cosine, accumulation over DDP's no_sync, clipping, an EMA.
     args = [*TINY, "--epochs", "1", "--lr", "0.02", *(MODERN if update == "modern" else [])]
-    run_job(worker, *args, "--sync-bn", "--out", str(tmp_path / "two"),
+    train_job(worker, *args, "--sync-bn", "--out", str(tmp_path / "two"),
             env={"LIMIT": "349"})
     full = data_mod.load_digits_data
     monkeypatch.setattr(data_mod, "load_digits_data",
                         lambda: (full()[0].subset(torch.arange(349)), full()[1]))
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
-    two, one = load(tmp_path / "two" / "last.pt"), load(tmp_path / "one" / "last.pt")
+    two, one = load_pt(tmp_path / "two" / "last.pt"), load_pt(tmp_path / "one" / "last.pt")
     assert two["step"] == one["step"] == (6 if update == "paper" else 3)
     assert two["config"]["distributed"]["sync_bn"] is True
     pairs = [(two["model"], one["model"])]
@@ -249,25 +297,25 @@ def test_sync_bn_two_by_32_equals_one_by_64(worker, tmp_path, monkeypatch, updat
 
 def test_sigterm_saves_once_and_resume_continues_from_the_saved_step(worker, tmp_path):
     out_dir = tmp_path / "run"
-    job = torchrun(worker, *TINY, "--epochs", "40", "--out", str(out_dir))
+    job = torchrun(worker, "train", *TINY, "--epochs", "40", "--out", str(out_dir))
     wait_for(out_dir / "metrics.csv", job)
     os.kill(job.pid, signal.SIGTERM)  # torchrun passes it on to every process
     code, out, err = finish(job, 60)
     assert code != 0
     assert (out + err).count("SIGTERM: saved") == 1, out + err  # saved once, by rank 0
-    saved = load(out_dir / "last.pt")
+    saved = load_pt(out_dir / "last.pt")
     assert 23 <= saved["step"] < 40 * 23  # 1,437 images: 23 batches of 64 per epoch
     done = saved["epoch"] + 1
-    out, _ = run_job(worker, "--resume", str(out_dir), "--stop-after", str(done))
+    out, _ = train_job(worker, "--resume", str(out_dir), "--stop-after", str(done))
     assert f"from step {saved['step']}:" in out
-    final = load(out_dir / "last.pt")
+    final = load_pt(out_dir / "last.pt")
     assert final["step"] == done * 23 and final["epoch"] == done
 
 
 def test_killed_process_ends_the_job_with_an_error(worker, tmp_path):
     out_dir, pids = tmp_path / "run", tmp_path / "pids"
     pids.mkdir()
-    job = torchrun(worker, *TINY, "--epochs", "40", "--out", str(out_dir),
+    job = torchrun(worker, "train", *TINY, "--epochs", "40", "--out", str(out_dir),
                    env={"PIDS": str(pids)})
     wait_for(out_dir / "metrics.csv", job)
     wait_for(pids / "rank1.pid", job)
@@ -284,8 +332,6 @@ def test_a_process_whose_whole_share_is_unreadable_still_joins_the_step(worker, 
     """Batch 2 of 3 holds two unreadable images, exactly process 1's share. Process 1 then has
     no image to train on; the others' gradient all-reduce must not wait for it until
     --dist-timeout: it joins the step with weight 0 and the replicas stay equal."""
-    from test_data import write_image_folder
-
     from densenets.training.batches import epoch_order
     from densenets.training.imagefolder import SafeImageFolder
 
@@ -297,13 +343,13 @@ def test_a_process_whose_whole_share_is_unreadable_still_joins_the_step(worker, 
     dump = tmp_path / "dump"
     dump.mkdir()
     t0 = time.monotonic()
-    out, err = run_job(worker, "--recipe", "folder", "--data-dir", str(root), *TINY,
+    out, err = train_job(worker, "--recipe", "folder", "--data-dir", str(root), *TINY,
                        "--image-size", "16", "--batch-size", "4", "--epochs", "1",
                        "--workers", "0", "--dist-timeout", "30", "--out", str(tmp_path / "run"),
                        env={"DUMP": str(dump)})
     assert time.monotonic() - t0 < 30, "a process waited for the one without images"
     assert err.count("skipped unreadable image") == 2
-    ranks = [load(dump / f"rank{r}.pt") for r in range(2)]
+    ranks = [load_pt(dump / f"rank{r}.pt") for r in range(2)]
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
-    assert load(tmp_path / "run" / "last.pt")["step"] == 3
+    assert load_pt(tmp_path / "run" / "last.pt")["step"] == 3

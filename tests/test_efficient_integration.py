@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from densenets import DenseNet
@@ -90,24 +89,6 @@ def test_torch_compile_trains_like_eager():
     yb.sum().backward()
     for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
-
-
-def test_ddp_gradients_match_single_process(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        plain = small()
-        efficient = copy.deepcopy(plain).set_memory_efficient(True)
-        ddp = nn.parallel.DistributedDataParallel(efficient)
-        x = torch.randn(3, 3, 8, 8)
-        F.cross_entropy(plain(x), torch.tensor([0, 1, 2])).backward()
-        F.cross_entropy(ddp(x), torch.tensor([0, 1, 2])).backward()
-        for a, b in zip(plain.parameters(), efficient.parameters(), strict=True):
-            assert torch.allclose(a.grad, b.grad, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_frozen_batchnorm_falls_back_to_plain_path():

@@ -14,27 +14,23 @@ no new processes (each one spends seconds importing torch and torchvision).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import socket
 import subprocess
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import finish, load
+from support import ONE_NODE, free_port, load_pt, run_cli, succeed, torchrun, wait_for
 
 import densenets.training.data as data_mod
-from densenets.cli import main
 from densenets.training import rundir
 
 TINY = ["--model", "densenet-bc-16-k4"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 # 200 digits, batch 64: 4 steps an epoch (3 full batches and a tail of 8), 12 in all.
 RUN = [*TINY, "--epochs", "3", "--drop-rate", "0.1"]
 KILL_STEP, SAVE_EVERY = 7, 5  # killed in epoch 2 (steps 5-8), 2 steps after a step checkpoint
@@ -93,46 +89,16 @@ def worker(tmp_path_factory) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(worker: Path, launcher: list[str], args: list[str],
-             env: dict | None = None) -> subprocess.Popen:
-    cmd = [str(TORCHRUN), *launcher, "--monitor-interval=0.5", str(worker), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1",
-                "DIGITS": str(worker.with_name("digits.pt")), **(env or {})}
-    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def ok(job: subprocess.Popen) -> tuple[str, str]:
-    code, out, err = finish(job)
-    assert code == 0, f"exit {code}\n{out}\n{err}"
-    return out, err
+def start(worker: Path, args: list[str], launcher: Sequence[str] = ONE_NODE,
+          env: dict | None = None) -> subprocess.Popen:
+    """A torchrun job of the worker, reading the digits the ``worker`` fixture saved."""
+    return torchrun(worker, *args, launcher=launcher,
+                    env={"DIGITS": str(worker.with_name("digits.pt")), **(env or {})})
 
 
 def stamp(path: Path) -> tuple[float, int]:
     t, pid = path.read_text().split()
     return float(t), int(pid)
-
-
-def wait_for(path: Path, job: subprocess.Popen, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        if job.poll() is not None or time.monotonic() > end:
-            code, out, err = finish(job, 5)
-            pytest.fail(f"{path.name} never appeared (exit {code})\n{out}\n{err}")
-        time.sleep(0.05)
-
-
-def run_main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def epochs_in_metrics(run: Path) -> list[int]:
@@ -150,9 +116,8 @@ def two_nodes(worker, tmp_path_factory) -> dict:
     launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes"]
     then = {"THEN": json.dumps(["eval", str(out), *EVAL])}
-    jobs = [torchrun(worker, launcher, ["train", *RUN, "--out", str(out)], then)
-            for _ in range(2)]
-    stdout = "".join(ok(job)[0] for job in jobs)
+    jobs = [start(worker, ["train", *RUN, "--out", str(out)], launcher, then) for _ in range(2)]
+    stdout = "".join(succeed(job)[0] for job in jobs)
     return {"out": out, "stdout": stdout}
 
 
@@ -164,13 +129,13 @@ def elastic(worker, tmp_path_factory) -> dict:
     out, marks = base / "run", base / "marks"
     marks.mkdir()
     args = ["train", *RUN, "--out", str(out), "--auto-resume", "--save-every", str(SAVE_EVERY)]
-    job = torchrun(worker, ["--standalone", "--nproc-per-node=2", "--max-restarts=1"], args,
-                   {"KILL": f"0:{KILL_STEP}", "MARKS": str(marks)})
+    job = start(worker, args, [*ONE_NODE, "--max-restarts=1"],
+                {"KILL": f"0:{KILL_STEP}", "MARKS": str(marks)})
     wait_for(marks / "waiting.rank0.attempt0", job)
-    second = run_main(args[:])  # the same command, in this process: a second job
-    saved_before_kill = load(out / "last.pt")["step"]
+    second = run_cli(args[:])  # the same command, in this process: a second job
+    saved_before_kill = load_pt(out / "last.pt")["step"]
     (marks / "go").touch()
-    stdout, stderr = ok(job)
+    stdout, stderr = succeed(job)
     return {"out": out, "marks": marks, "stdout": stdout, "stderr": stderr, "second": second,
             "saved_before_kill": saved_before_kill}
 
@@ -185,7 +150,7 @@ def test_killed_process_restarts_from_the_step_checkpoint_and_ends_like_an_unint
     # The dead holder's lock did not block the restart.
     assert "taking over the lock" in elastic["stderr"]
     assert "earlier attempt of this torchrun job" in elastic["stderr"]
-    final, reference = load(out / "last.pt"), load(two_nodes["out"] / "last.pt")
+    final, reference = load_pt(out / "last.pt"), load_pt(two_nodes["out"] / "last.pt")
     assert final["step"] == reference["step"] == 12 and final["epoch"] == 3
     diff = max((final["model"][k].double() - v.double()).abs().max().item()
                for k, v in reference["model"].items() if v.is_floating_point())
@@ -210,8 +175,8 @@ def test_a_second_job_on_the_same_directory_refuses_naming_the_holder(elastic):
 def test_two_nodes_train_like_one_node_with_two_processes(two_nodes, elastic):
     cfg = json.loads((two_nodes["out"] / "config.json").read_text())
     assert cfg["distributed"]["world_size"] == 2
-    one_node = load(elastic["out"] / "last.pt")["model"]
-    for k, v in load(two_nodes["out"] / "last.pt")["model"].items():
+    one_node = load_pt(elastic["out"] / "last.pt")["model"]
+    for k, v in load_pt(two_nodes["out"] / "last.pt")["model"].items():
         assert torch.equal(one_node[k], v), k
 
 
@@ -219,7 +184,7 @@ def test_sharded_eval_equals_single_process_eval(two_nodes):
     stdout = two_nodes["stdout"]
     assert stdout.count('"checkpoint"') == 1, stdout  # rank 0 alone prints
     sharded = json.loads(stdout[stdout.index("\n{") + 1:])
-    code, single, _ = run_main(["eval", str(two_nodes["out"]), *EVAL])
+    code, single, _ = run_cli(["eval", str(two_nodes["out"]), *EVAL])
     single = json.loads(single)
     assert code == 0 and sharded["images"] == single["images"] == 360
     for key in ("top1_err", "top5_err"):
@@ -251,25 +216,25 @@ def test_auto_resume_starts_continues_finishes_and_refuses_another_configuration
     monkeypatch.setattr(loop.ckpt, "save_checkpoint", record)
     out = tmp_path / "run"
     cmd = ["train", *TINY, "--epochs", "2", "--out", str(out), "--auto-resume"]
-    code, stdout, _ = run_main([*cmd, "--stop-after", "1", "--save-every", "3"])  # empty
+    code, stdout, _ = run_cli([*cmd, "--stop-after", "1", "--save-every", "3"])  # empty
     assert code == 0 and "training densenet-bc-16-k4" in stdout
     # Step 3 mid-epoch, then the epoch's end (step 4) as always.
     assert saves == [("last.pt", 3, 3), ("last.pt", 4, 0), ("best.pt", 4, 0)]
-    code, stdout, _ = run_main(cmd)  # partial: continues
+    code, stdout, _ = run_cli(cmd)  # partial: continues
     assert code == 0 and "resuming densenet-bc-16-k4" in stdout and "from step 4:" in stdout
-    assert load(out / "last.pt")["epoch"] == 2 and epochs_in_metrics(out) == [1, 2]
+    assert load_pt(out / "last.pt")["epoch"] == 2 and epochs_in_metrics(out) == [1, 2]
     before = (out / "last.pt").read_bytes()
-    code, stdout, _ = run_main(cmd)  # finished: nothing to do, nothing rewritten
+    code, stdout, _ = run_cli(cmd)  # finished: nothing to do, nothing rewritten
     assert code == 0 and "holds all 2 epochs: nothing left to train" in stdout
     assert (out / "last.pt").read_bytes() == before
-    code, _, err = run_main([*cmd, "--lr", "0.5"])  # another configuration
+    code, _, err = run_cli([*cmd, "--lr", "0.5"])  # another configuration
     assert code == 2 and "another configuration (lr 0.1 there, 0.5 here)" in err
     assert len(err.strip().splitlines()) == 1
-    code, _, err = run_main([*cmd, "--sync-bn"])
+    code, _, err = run_cli([*cmd, "--sync-bn"])
     assert code == 2 and "sync_bn False there, True here" in err
-    code, _, err = run_main(["train", *TINY, "--auto-resume"])
+    code, _, err = run_cli(["train", *TINY, "--auto-resume"])
     assert code == 2 and "--auto-resume needs --out DIR" in err
-    code, _, err = run_main(["train", *TINY, "--out", str(tmp_path / "x"), "--save-every", "0"])
+    code, _, err = run_cli(["train", *TINY, "--out", str(tmp_path / "x"), "--save-every", "0"])
     assert code == 2 and "--save-every must be >= 1 optimiser step, got 0" in err
     assert not (out / rundir.LOCK_NAME).exists()
 

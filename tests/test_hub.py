@@ -1,44 +1,85 @@
-"""Issue 3, item 5: the builders load through torch.hub from a local checkout."""
+"""The builders load through torch.hub from a local checkout, each one the model its name
+promises: checked against the zoo's table and the published parameter counts, not against the
+function the hub entries call."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
+from support import PUBLISHED_PARAMS
 
 from densenets import DenseNet, FeatureExtractor, create_model, save
+from densenets.models import zoo
 
 REPO = str(Path(__file__).resolve().parents[1])
+HELPERS = {"create_model", "load"}  # the entry points that are not one named model
+
+# The CIFAR/SVHN entries: (growth rate, layers per block, bottleneck, compression, the paper's
+# Table 2 parameter count in millions at 10 classes).
+CIFAR = {
+    "densenet_40_k12": (12, 12, False, 1.0, 1.0),
+    "densenet_bc_100_k12": (12, 16, True, 0.5, 0.8),
+    "densenet_bc_250_k24": (24, 41, True, 0.5, 15.3),
+    "densenet_bc_190_k40": (40, 31, True, 0.5, 25.6),
+}
 
 
-def test_hub_builds_the_zoo():
-    model = torch.hub.load(REPO, "densenet121", source="local")
-    assert isinstance(model, DenseNet)
-    assert sum(p.numel() for p in model.parameters()) == 7_978_856
-    for name in ("densenet161", "densenet169", "densenet201"):
-        assert torch.hub.load(REPO, name, source="local").config.block_config == \
-            create_model(name).config.block_config
-    small = torch.hub.load(REPO, "densenet_bc_100_k12", source="local", num_classes=100)
-    assert small.config.block_config == (16, 16, 16) and small.config.num_classes == 100
-
-
-
-def test_hub_lists_the_whole_family():
+def hubconf():
     spec = importlib.util.spec_from_file_location("hubconf", Path(REPO) / "hubconf.py")
-    hubconf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hubconf)
-    family = {"densenet264d", "densenetblur121d", "rdnet_tiny", "rdnet_small", "rdnet_base",
-              "rdnet_large"}
-    assert family <= set(hubconf.__all__) and all(callable(getattr(hubconf, n)) for n in family)
-    expected = {"densenetblur121d": 7_998_088, "rdnet_tiny": 23_863_008}
-    with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
-        for name, params in expected.items():
-            model = torch.hub.load(REPO, name, source="local")
-            assert sum(p.numel() for p in model.parameters()) == params, name
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_hub_passes_weights_and_backbone_options(tmp_path):
+def hub_model(entry: str, **kw):
+    """The architecture only (meta device): no memory, no initialisation cost."""
+    with torch.device("meta"):
+        return torch.hub.load(REPO, entry, source="local", **kw)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_hub_entry_is_pinned_here():
+    entries = set(hubconf().__all__) - HELPERS
+    assert entries == set(zoo.IMAGENET) | set(CIFAR) | {n for n in PUBLISHED_PARAMS
+                                                        if n.startswith("rdnet")}
+    assert all(callable(getattr(hubconf(), n)) for n in entries | HELPERS)
+
+
+@pytest.mark.parametrize("name", list(zoo.IMAGENET))
+def test_imagenet_entries_match_the_zoo_table_and_the_published_counts(name):
+    model = hub_model(name)
+    assert isinstance(model, DenseNet)
+    cfg = model.config
+    assert {k: getattr(cfg, k) for k in zoo.IMAGENET[name]} == zoo.IMAGENET[name]
+    assert cfg.stem == "imagenet" and cfg.num_classes == 1000
+    if name in PUBLISHED_PARAMS:  # densenet264 has no published weights to count
+        assert n_params(model) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("entry", list(CIFAR))
+def test_cifar_entries_match_table_2(entry):
+    k, n, bottleneck, compression, millions = CIFAR[entry]
+    model = hub_model(entry, num_classes=10)
+    cfg = model.config
+    assert (cfg.growth_rate, cfg.block_config, cfg.bottleneck, cfg.compression, cfg.stem) == (
+        k, (n, n, n), bottleneck, compression, "cifar")
+    assert round(n_params(model) / 1e6, 1) == millions
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLISHED_PARAMS if n.startswith("rdnet")])
+def test_rdnet_entries_have_timms_parameter_counts(name):
+    assert n_params(hub_model(name)) == PUBLISHED_PARAMS[name]
+
+
+def test_hub_passes_weights_classes_and_backbone_options(tmp_path):
+    small = torch.hub.load(REPO, "densenet_bc_100_k12", source="local", num_classes=100)
+    assert small.config.num_classes == 100 and small.classifier.out_features == 100
     src = create_model("densenet-bc-16-k4", num_classes=3)
     path = save(src, tmp_path / "w.safetensors")
     model = torch.hub.load(REPO, "create_model", "densenet-bc-16-k4", source="local",

@@ -148,7 +148,27 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-# ---------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------------- signals and processes
+
+
+class SignalAt:
+    """Wraps a loader (a TensorLoader or FolderLoader); delivers a real SIGINT to this process
+    while yielding batch ``batch`` of epoch ``epoch``."""
+
+    def __init__(self, inner, epoch: int, batch: int) -> None:
+        self.inner, self.epoch, self.batch = inner, epoch, batch
+        self.num_samples = inner.num_samples
+        self.global_size = inner.global_size  # the loop weighs accumulated batches by it
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def batches(self, epoch: int, start: int = 0):
+        for b, item in enumerate(self.inner.batches(epoch, start), start):
+            if (epoch, b) == (self.epoch, self.batch):
+                signal.raise_signal(signal.SIGINT)
+            yield item
+
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 JOB_TIMEOUT = 120  # seconds: a job that hangs fails its test instead of the suite

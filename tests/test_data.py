@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import write_fake_cifar, write_image_folder
 
 from densenets.training import data
 from densenets.training.data import (
@@ -33,31 +34,6 @@ from densenets.training.imagefolder import (
 # ---------------------------------------------------------------- fakes in torchvision's layout
 
 
-def write_fake_cifar(root: Path, n_train: int = 60, n_test: int = 30, classes: int = 10,
-                     seed: int = 0) -> Path:
-    """A cifar-10-batches-py folder with five tiny training batches, a test batch and meta.
-
-    Images are class-dependent colour blobs plus noise, so a tiny net can learn them.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def batch(n: int) -> dict:
-        labels = rng.integers(0, classes, n)
-        base = (labels[:, None] * 25 % 256).astype(np.float64)
-        pix = np.clip(base + rng.normal(0, 20, (n, 3072)), 0, 255).astype(np.uint8)
-        return {"data": pix, "labels": labels.tolist(), "batch_label": "fake"}
-
-    per = n_train // 5
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per)))
-    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
-    names = [f"class{i}" for i in range(classes)]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
-    return folder
-
-
 def write_fake_svhn(root: Path, sizes=(("train", 20), ("extra", 30), ("test", 10))) -> None:
     import scipy.io
 
@@ -67,19 +43,6 @@ def write_fake_svhn(root: Path, sizes=(("train", 20), ("extra", 30), ("test", 10
         x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         y = (np.arange(n) % 10 + 1).reshape(n, 1)  # SVHN stores digit 0 as label 10
         scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
-
-
-def write_image_folder(root: Path, per_class: int = 4, size: int = 20,
-                       classes=("cat", "dog")) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pix = np.clip(rng.normal(80 + 100 * c, 30, (size, size, 3)), 0, 255)
-                Image.fromarray(pix.astype(np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 # ---------------------------------------------------------------- digits and splits

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_data import write_fake_cifar, write_image_folder
+from support import write_fake_cifar, write_image_folder
 from torch import nn
 from torchvision import transforms as T
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from support import vary_bn
 
 from densenets import create_model, save
 from densenets.cli import main
@@ -24,10 +25,7 @@ def trained(tmp_path_factory):
     """A small zoo model with non-trivial weights saved with class names: as after training."""
     torch.manual_seed(0)
     model = create_model("densenet-bc-16-k4", num_classes=4)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.dim() == 1 and t.is_floating_point():
-                t.uniform_(0.5, 1.5)
+    vary_bn(model)
     model.weights_meta = {"class_names": ["w", "x", "y", "z"]}
     path = save(model, tmp_path_factory.mktemp("ckpt") / "model.safetensors")
     return model.eval(), path

@@ -7,15 +7,14 @@ keeps one (refs/main -> snapshots/<commit>/<file> -> blobs/<hash>), and runs off
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from huggingface_hub import constants, hf_hub_download
+from support import write_hub_cache
 
 import densenets
 from densenets import create_model
@@ -23,23 +22,7 @@ from densenets.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "timm/densenet121.tv_in1k"
-
-
-def write_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
-    """Put ``files`` into a Hub cache at ``cache`` as huggingface_hub stores downloads."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    snap = root / "snapshots" / COMMIT
-    snap.mkdir(parents=True, exist_ok=True)
-    (root / "blobs").mkdir(exist_ok=True)
-    for name, src in files.items():
-        data = src.read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snap / name).symlink_to(os.path.relpath(blob, snap))
 
 
 @pytest.fixture
@@ -68,8 +51,8 @@ def timm_densenet121(tmp_path_factory):
 
 def test_hf_hub_weights_load_from_the_cache_offline(offline_cache, timm_densenet121):
     ref, export = timm_densenet121
-    write_cache(offline_cache, REPO, {"model.safetensors": export / "model.safetensors",
-                                      "config.json": export / "config.json"})
+    write_hub_cache(offline_cache, REPO, {"model.safetensors": export / "model.safetensors",
+                                          "config.json": export / "config.json"})
     # huggingface_hub itself resolves the cache we wrote (so the layout is the real one)
     assert Path(hf_hub_download(REPO, "config.json", local_files_only=True)).is_file()
     model = create_model("densenet121", weights=f"hf-hub:{REPO}").eval()
@@ -91,7 +74,7 @@ def test_hf_hub_weights_load_from_the_cache_offline(offline_cache, timm_densenet
 
 def test_hf_hub_missing_file_names_the_repository(offline_cache, tmp_path):
     (tmp_path / "README.md").write_text("no weights here\n")
-    write_cache(offline_cache, "someone/empty-repo", {"README.md": tmp_path / "README.md"})
+    write_hub_cache(offline_cache, "someone/empty-repo", {"README.md": tmp_path / "README.md"})
     for repo in ("someone/empty-repo", "someone/never-downloaded"):
         with pytest.raises(ValueError, match=f"Hub repository {repo}.*HF_HUB_OFFLINE"):
             create_model("densenet121", weights=f"hf-hub:{repo}")
@@ -125,8 +108,8 @@ def test_cli_predicts_with_hub_weights_offline(offline_cache, timm_densenet121, 
     from PIL import Image
 
     _, export = timm_densenet121
-    write_cache(offline_cache, REPO, {"model.safetensors": export / "model.safetensors",
-                                      "config.json": export / "config.json"})
+    write_hub_cache(offline_cache, REPO, {"model.safetensors": export / "model.safetensors",
+                                          "config.json": export / "config.json"})
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     args = ["predict", "densenet121", "--weights", f"hf-hub:{REPO}", str(tmp_path / "red.png"),
             "--topk", "2", "--json"]

@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from support import write_image_folder
 
 from densenets.cli import build_parser, main
 from densenets.cli.train_cmds import config_from_args
 from densenets.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_image_folder(root, per_class: int, size: int):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c, name in enumerate(("cat", "dog")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                pix = np.clip(rng.normal(80 + 100 * c, 30, (size, size, 3)), 0, 255)
-                Image.fromarray(pix.astype(np.uint8)).save(root / split / name / f"{i}.png")
-    return root
 
 
 def _config(*flags: str):

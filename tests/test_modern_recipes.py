@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_resume import SignalAt  # a loader that sends SIGINT at a chosen batch
+from support import SignalAt  # a loader that sends SIGINT at a chosen batch
 from torch import nn
 
 from densenets import create_model

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from support import vary_bn, write_image_folder
 
 from densenets import create_model, load, save, summary
 from densenets.cli import main
@@ -42,10 +43,7 @@ def digits_style_checkpoint(path: Path, in_channels: int = 1) -> Path:
     as the digits runs did before this issue."""
     torch.manual_seed(0)
     model = create_model(TINY, num_classes=10, in_channels=in_channels)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.dim() == 1 and t.is_floating_point():
-                t.uniform_(0.5, 1.5)
+    vary_bn(model)
     meta = {"class_names": [str(i) for i in range(10)], "preprocessing": {
         "resize": None, "crop": 8, "mean": [MEAN] * in_channels, "std": [STD] * in_channels}}
     return save(model, path, meta=meta)
@@ -197,8 +195,6 @@ def test_standard_augmentation_only_shifts_and_flips(tmp_path):
 
 
 def test_folder_training_records_the_augmentation_and_counts_readable_images(tmp_path, capsys):
-    from test_data import write_image_folder
-
     root = write_image_folder(tmp_path / "ds", per_class=3, size=16)
     (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "run"

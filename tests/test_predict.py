@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from support import vary_bn
 
 from densenets import create_model, load, save
 from densenets.cli import main
@@ -38,10 +39,7 @@ def images(tmp_path_factory):
 def checkpoint(tmp_path, mean: float, in_channels: int = 3):
     torch.manual_seed(0)
     model = create_model("densenet-bc-16-k4", num_classes=10, in_channels=in_channels)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.dim() == 1 and t.is_floating_point():
-                t.uniform_(0.5, 1.5)
+    vary_bn(model)
     meta = {"class_names": NAMES, "preprocessing": {
         "resize": 32, "crop": 32, "mean": [mean] * in_channels, "std": [0.25] * in_channels,
         "interpolation": "bilinear"}}

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import timm
 import torch
+from support import PUBLISHED_PARAMS, write_hub_cache
 from timm.models.rdnet import RDNet as TimmRDNet
 
 import densenets
@@ -23,8 +24,7 @@ from densenets.weights.files import load_into, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-TIMM_PARAMS = {"rdnet_tiny": 23_863_008, "rdnet_small": 50_436_448,
-               "rdnet_base": 87_451_096, "rdnet_large": 186_269_632}
+TIMM_PARAMS = {name: n for name, n in PUBLISHED_PARAMS.items() if name.startswith("rdnet")}
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 # A reduced RDNet: three mixing blocks (plain, SE + patch merging, SE without downsampling).
@@ -266,7 +266,6 @@ def test_rdnet_imagenet_weights_come_from_the_authors_hub_repository(tmp_path, m
                                                                      tiny_pair):
     """The authors' repositories publish only pytorch_model.bin, in their own layout."""
     from huggingface_hub import constants
-    from test_hf_hub import write_cache
 
     ref, _, want = tiny_pair
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -274,8 +273,8 @@ def test_rdnet_imagenet_weights_come_from_the_authors_hub_repository(tmp_path, m
     sd = {("stem.stem." + k[5:] if k.startswith("stem.") else k): v
           for k, v in ref.state_dict().items()}
     torch.save({"model": sd}, tmp_path / "pytorch_model.bin")
-    write_cache(tmp_path / "hub", "naver-ai/rdnet_tiny.nv_in1k",
-                {"pytorch_model.bin": tmp_path / "pytorch_model.bin"})
+    write_hub_cache(tmp_path / "hub", "naver-ai/rdnet_tiny.nv_in1k",
+                    {"pytorch_model.bin": tmp_path / "pytorch_model.bin"})
     model = create_model("rdnet_tiny", weights="imagenet").eval()
     with torch.no_grad():
         assert torch.equal(model(X), want["logits"])
@@ -283,7 +282,7 @@ def test_rdnet_imagenet_weights_come_from_the_authors_hub_repository(tmp_path, m
     assert model.weights_meta["preprocessing"]["interpolation"] == "bicubic"
     # a pickle holding anything but tensors is refused, not unpickled
     torch.save({"model": sd, "why": tmp_path}, tmp_path / "evil.bin")
-    write_cache(tmp_path / "hub", "naver-ai/rdnet_small.nv_in1k",
-                {"pytorch_model.bin": tmp_path / "evil.bin"})
+    write_hub_cache(tmp_path / "hub", "naver-ai/rdnet_small.nv_in1k",
+                    {"pytorch_model.bin": tmp_path / "evil.bin"})
     with pytest.raises(ValueError, match="refused to load"):
         create_model("rdnet_small", weights="hf-hub:naver-ai/rdnet_small.nv_in1k")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import SignalAt, wait_for
 
 from densenets import create_model
 from densenets.cli import main
@@ -58,24 +59,6 @@ def test_stop_after_two_of_four_epochs_then_resume_is_bit_identical(tmp_path, ca
                       resumed["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert comparable(whole["metrics"]) == comparable(resumed["metrics"])
-
-
-class SignalAt:
-    """Wraps a loader; delivers a real SIGINT to this process while yielding one batch."""
-
-    def __init__(self, inner: TensorLoader, epoch: int, batch: int) -> None:
-        self.inner, self.epoch, self.batch = inner, epoch, batch
-        self.num_samples = inner.num_samples
-        self.global_size = inner.global_size  # the loop weighs accumulated batches by it
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def batches(self, epoch: int, start: int = 0):
-        for b, item in enumerate(self.inner.batches(epoch, start), start):
-            if (epoch, b) == (self.epoch, self.batch):
-                signal.raise_signal(signal.SIGINT)
-            yield item
 
 
 def _trainer(run_dir: Path, interrupt: tuple[int, int] | None = None) -> Trainer:
@@ -171,11 +154,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
         p = _start(["train", *TINY, "--epochs", "3", "--out", str(out)], prelude=HOLD_IN_SAVE)
     finally:
         del ENV["HOLD_FLAG"]
-    deadline = time.monotonic() + 120
-    while not flag.exists():
-        assert p.poll() is None, p.communicate()[1]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(flag, p, 120)
     p.kill()
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL

@@ -8,13 +8,11 @@ go through the same key map as any checkpoint file; one goes through a file with
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from support import PUBLISHED_PARAMS, write_hub_cache
 from torch import nn
 
 timm = pytest.importorskip("timm")
@@ -30,14 +28,7 @@ from densenets.weights.keymap import remap_state_dict  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 # name -> timm's parameter count (timm 1.0's model registry, 1000 classes)
-FAMILY = {
-    "densenet121": 7_978_856,
-    "densenet161": 28_681_000,
-    "densenet169": 14_149_480,
-    "densenet201": 20_013_928,
-    "densenet264d": 72_736_216,
-    "densenetblur121d": 7_998_088,
-}
+FAMILY = {name: n for name, n in PUBLISHED_PARAMS.items() if name.startswith("densenet")}
 
 
 def randomise(state: dict[str, torch.Tensor], seed: int) -> None:
@@ -96,26 +87,13 @@ def test_timm_state_dict_loads_with_equal_outputs(name):
         assert torch.equal(ours(x), ref(x))
 
 
-def hub_cache(cache: Path, repo: str, path: Path) -> None:
-    """``path`` as huggingface_hub keeps a downloaded model.safetensors of ``repo``."""
-    commit = "0" * 40
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snap, blobs = root / "snapshots" / commit, root / "blobs"
-    for d in (root / "refs", snap, blobs):
-        d.mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    data = path.read_bytes()
-    blob = blobs / hashlib.sha256(data).hexdigest()
-    blob.write_bytes(data)
-    (snap / "model.safetensors").symlink_to(os.path.relpath(blob, snap))
-
-
 def test_deep_stem_checkpoint_loads_by_file_and_by_pretrained(tmp_path, monkeypatch):
     ref = timm_model("densenetblur121d", seed=1)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     # pretrained=True means timm's Hub weights, read here from a cache written offline
-    hub_cache(tmp_path / "hub", "timm/densenetblur121d.ra_in1k", path)
+    write_hub_cache(tmp_path / "hub", "timm/densenetblur121d.ra_in1k",
+                    {"model.safetensors": path})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     x = torch.randn(1, 3, 32, 32)

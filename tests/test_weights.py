@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import vary_bn
 
 from densenets import (
     DenseNet,
@@ -33,11 +34,7 @@ def tiny(**kw) -> DenseNet:
     cfg.update(kw)
     torch.manual_seed(cfg.pop("seed", 0))
     model = DenseNet(**cfg)
-    with torch.no_grad():  # non-trivial BN so a skipped tensor changes outputs
-        for t in model.state_dict().values():
-            if t.dim() == 1 and t.is_floating_point():
-                t.copy_(torch.rand(t.shape) + 0.5)
-    return model.eval()
+    return vary_bn(model).eval()  # non-trivial BN so a skipped tensor changes outputs
 
 
 def same_outputs(a: torch.nn.Module, b: torch.nn.Module, channels: int = 3) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import vary_bn
 
 from densenets import FeatureExtractor, create_model, save
 
@@ -47,10 +48,7 @@ def test_features_only_maps_match_the_full_model(name, size):
 
 def test_create_model_features_only_with_weights_and_out_indices(tmp_path):
     src = create_model("densenet-bc-16-k4").eval()
-    with torch.no_grad():
-        for t in src.state_dict().values():
-            if t.dim() == 1 and t.is_floating_point():
-                t.uniform_(0.5, 1.5)
+    vary_bn(src)
     path = save(src, tmp_path / "w.safetensors")
     backbone = create_model("densenet-bc-16-k4", weights=path, features_only=True,
                             out_indices=(1, -2)).eval()

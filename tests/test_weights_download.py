@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from support import free_port, vary_bn
 
 from densenets import create_model
 from densenets.cli import main
@@ -55,10 +55,7 @@ def hub(tmp_path, monkeypatch) -> Path:
 def hosted(tmp_path_factory):
     """A densenet121 checkpoint as torchvision hosts them, and its torchvision source."""
     tv = torchvision.models.densenet121(weights=None).eval()
-    with torch.no_grad():
-        for t in tv.state_dict().values():
-            if t.dim() == 1 and t.is_floating_point():
-                t.uniform_(0.5, 1.5)
+    vary_bn(tv)
     raw = tmp_path_factory.mktemp("hosted") / "raw.pth"
     torch.save(to_legacy_keys(tv.state_dict()), raw, _use_new_zipfile_serialization=False)
     digest = hashlib.sha256(raw.read_bytes()).hexdigest()
@@ -117,15 +114,9 @@ def test_tampered_cache_is_rejected(server, hub, monkeypatch):
         download_weights("densenet121", progress=False)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_offline_error_names_the_url_and_the_local_alternative(hub, monkeypatch, tmp_path,
                                                                capsys):
-    url = f"http://127.0.0.1:{closed_port()}/densenet121-a639ec97.pth"
+    url = f"http://127.0.0.1:{free_port()}/densenet121-a639ec97.pth"
     monkeypatch.setitem(PRETRAINED, "densenet121",
                         dataclasses.replace(PRETRAINED["densenet121"], url=url))
     with pytest.raises(WeightsNotAvailableError) as err:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from support import PUBLISHED_PARAMS
 
 from densenets import create_model, densenet121, densenet264, list_models
 from densenets.analysis.paper import TABLE2_ROWS, WIDE_SHALLOW_ROWS
 from densenets.analysis.summary import count_params
 
-TORCHVISION_PARAMS = {"densenet121": 7_978_856, "densenet161": 28_681_000,
-                      "densenet169": 14_149_480, "densenet201": 20_013_928}
+TORCHVISION_PARAMS = {n: PUBLISHED_PARAMS[n]
+                      for n in ("densenet121", "densenet161", "densenet169", "densenet201")}
 
 
 def meta_model(name: str, **kw):

@@ -24,6 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
+from densenets import DenseNet
+
 # ---------------------------------------------------------------------------- published facts
 
 # Parameter counts as published, 1000 classes: the paper's ImageNet models as torchvision hosts
@@ -54,6 +56,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     scale = torch.minimum(a.abs().max(), b.abs().max()).clamp_min(1e-300)
     return float((a - b).abs().max() / scale)
+
+
+def tiny_densenet(**kw) -> DenseNet:
+    """A three-block CIFAR-stem DenseNet of 7 layers (k = 4, 5 classes): small enough for any
+    test; keyword arguments override its configuration."""
+    return DenseNet(**{**dict(growth_rate=4, block_config=(2, 3, 2), num_init_features=8,
+                              num_classes=5, stem="cifar"), **kw})
 
 
 def vary_bn(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,17 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import tiny_densenet
 from torch import nn
 
 from densenets import DenseNet, create_model
 from densenets.models.layers import DenseLayer, Transition
-
-
-def tiny(**kw) -> DenseNet:
-    cfg = dict(growth_rate=4, block_config=(2, 3, 2), num_init_features=8, num_classes=5,
-               stem="cifar")
-    cfg.update(kw)
-    return DenseNet(**cfg)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +60,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_four_variants_build_and_train(variant):
     torch.manual_seed(0)
-    model = tiny(**VARIANTS[variant])
+    model = tiny_densenet(**VARIANTS[variant])
     layer = model.features.denseblock1.denselayer2
     assert layer.bottleneck == VARIANTS[variant]["bottleneck"]
     assert hasattr(layer, "conv2") == VARIANTS[variant]["bottleneck"]
@@ -132,7 +126,7 @@ def _dropout_calls(model: DenseNet, x: torch.Tensor, monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 def test_dropout_after_every_conv_except_the_stem(bottleneck, monkeypatch):
-    model = tiny(drop_rate=0.2, bottleneck=bottleneck).train()
+    model = tiny_densenet(drop_rate=0.2, bottleneck=bottleneck).train()
     calls = _dropout_calls(model, torch.randn(2, 3, 16, 16), monkeypatch)
     expected = []
     for i, block in enumerate(model.features.children()):
@@ -146,21 +140,21 @@ def test_dropout_after_every_conv_except_the_stem(bottleneck, monkeypatch):
 
 
 def test_no_dropout_when_rate_zero_and_eval_is_deterministic(monkeypatch):
-    model = tiny(drop_rate=0.0)
+    model = tiny_densenet(drop_rate=0.0)
     assert _dropout_calls(model, torch.randn(2, 3, 16, 16), monkeypatch) == []
-    model = tiny(drop_rate=0.5).eval()
+    model = tiny_densenet(drop_rate=0.5).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
 
 
 def test_in_channels_and_num_classes():
-    model = tiny(in_channels=13, num_classes=4).eval()
+    model = tiny_densenet(in_channels=13, num_classes=4).eval()
     assert model(torch.randn(1, 13, 8, 8)).shape == (1, 4)
     assert model.features.conv0.in_channels == 13
 
 
 def test_forward_features_and_head():
-    model = tiny().eval()
+    model = tiny_densenet().eval()
     x = torch.randn(2, 3, 16, 16)
     f = model.forward_features(x)
     assert f.shape == (2, model.num_features, 4, 4)
@@ -184,11 +178,11 @@ def test_forward_features_and_head():
 )
 def test_invalid_configuration_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny(**kwargs)
+        tiny_densenet(**kwargs)
 
 
 def test_wrong_channel_count_error():
-    model = tiny(in_channels=1)
+    model = tiny_densenet(in_channels=1)
     with pytest.raises(ValueError, match="takes 1-channel images but the input has 3 channels"):
         model(torch.randn(1, 3, 16, 16))
 

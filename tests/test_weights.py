@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from support import vary_bn
+from support import tiny_densenet, vary_bn
 
 from densenets import (
     DenseNet,
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny(**kw) -> DenseNet:
-    cfg = dict(growth_rate=4, block_config=(2, 3, 2), num_init_features=8, num_classes=5,
-               stem="cifar")
-    cfg.update(kw)
-    torch.manual_seed(cfg.pop("seed", 0))
-    model = DenseNet(**cfg)
-    return vary_bn(model).eval()  # non-trivial BN so a skipped tensor changes outputs
+    torch.manual_seed(kw.pop("seed", 0))
+    return vary_bn(tiny_densenet(**kw)).eval()  # non-trivial BN so a skipped tensor changes outputs
 
 
 def same_outputs(a: torch.nn.Module, b: torch.nn.Module, channels: int = 3) -> bool:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import resolve_device
+
 IMPLEMENTATIONS = ("densenets", "torchvision")
 
 
@@ -50,16 +52,6 @@ class BenchConfig:
     def label(self) -> str:
         mode = "memory_efficient" if self.memory_efficient else "plain"
         return f"{self.impl} {mode}" + (" + CUDA graphs" if self.cuda_graphs else "")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but PyTorch sees no CUDA device; use --device "
-                         "cpu")
-    return device
 
 
 def torchvision_densenet(name: str, memory_efficient: bool = False) -> nn.Module:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..weights.pretrained import complete_meta
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -138,6 +139,7 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], topk: in
     num_classes = model.config.num_classes
     names = meta["class_names"] or [f"class {i}" for i in range(num_classes)]
     k = min(topk, num_classes)
+    device = resolve_device(device)
     model = model.to(device).eval()
     report = PredictionReport()
     batch: list[tuple[str, torch.Tensor, list[str]]] = []

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..constants import accumulation_dtype
+
 DEFAULT_TIMEOUT_S = 300  # long enough for a slow first batch, short enough to notice a dead peer
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -266,7 +268,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(x)
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        acc = accumulation_dtype(x.dtype)
         xa = x.to(acc)
         dims = (0, 2, 3)
         local = torch.cat([xa.sum(dims), xa.new_tensor([x.numel() // x.shape[1]])])

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import LOW_PRECISION
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,7 +67,7 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu", *,
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = model(x)
-        if logits.dtype in (torch.float16, torch.bfloat16):
+        if logits.dtype in LOW_PRECISION:
             logits = logits.float()
         if crops:
             logits = logits.view(len(y), crops, -1).mean(1)

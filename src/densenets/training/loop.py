@@ -24,22 +24,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..constants import LOW_PRECISION
 from . import checkpoint as ckpt
 from .batches import as_loader
 from .cuda_graphs import GraphedTrainStep, check_supported
-from .distributed import Dist, gather_rng, restore_rng, wrap_ddp
+from .distributed import Dist, wrap_ddp
 from .evaluate import autocast, evaluate
+from .metrics import EpochMetrics
 from .optim import (
+    OptimizerSettings,
     UpdateRules,
     build_ema,
-    build_optimizer,
     check_graphable,
     clip_gradients,
     no_sync,
 )
+from .resumable import Resumable
 from .runlog import EpochProgress, write_curves, write_json, write_metrics
 from .schedule import Schedule
+from .settings import Checkpointing, Execution, Reporting, regroup
 from .signals import EXIT_SIGNAL, StopOnSignal
+
+__all__ = ["Checkpointing", "Execution", "FitResult", "OptimizerSettings", "Reporting",
+           "Schedule", "Trainer", "TrainingDiverged", "UpdateRules"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,6 +58,7 @@ class FitResult:
     status: str  # completed | interrupted | stopped
     exit_code: int
     summary: dict[str, Any]
+    is_main: bool = True  # whether this process reports (rank 0)
 
 
 def _print(line: str) -> None:
@@ -65,76 +73,72 @@ def wrap_model(model: nn.Module, compile: bool = False, dist: Dist | None = None
     return torch.compile(model) if compile else model
 
 
-class Trainer(StopOnSignal):
+class Trainer(Resumable, StopOnSignal):
     """Train ``model`` on ``train_loader``; evaluate on ``eval_loaders`` after every epoch.
 
-    Optimiser: SGD with (Nesterov) momentum and weight decay on every parameter, as in the
-    paper, or ``optimizer="adamw"``; ``decay_norm_bias=False`` exempts 1-D parameters from
-    weight decay; ``rules`` adds label smoothing, mixing, accumulation, clipping and an EMA
-    (evaluated beside the model: ``<split>_ema_*`` metrics). ``select_on`` names the
-    evaluation split whose top-1 error picks ``best.pt`` (default: ``val`` if present, else the
-    first split). ``checkpoint_extra`` is merged into every checkpoint (model_config,
-    model_name, meta, config).
+    ``optim``: SGD with (Nesterov) momentum and weight decay on every parameter, as in the
+    paper, or AdamW (:class:`OptimizerSettings`); ``rules`` adds label smoothing, mixing,
+    accumulation, clipping and an EMA (evaluated beside the model: ``<split>_ema_*``
+    metrics); ``execution`` says where and how the steps run, ``checkpointing`` what is saved
+    and when, ``reporting`` what is shown (:mod:`densenets.training.settings`). Each group's
+    fields may also be given as flat keywords (``optimizer="adamw"``, ``amp="bf16"``).
     """
 
     def __init__(self, model: nn.Module, train_loader, eval_loaders: dict[str, Any], *,
                  epochs: int, schedule: Schedule, run_dir: str | Path,
-                 momentum: float = 0.9, nesterov: bool = True, dampening: float = 0.0,
-                 weight_decay: float = 1e-4, optimizer: str = "sgd",
-                 decay_norm_bias: bool = True, rules: UpdateRules | None = None,
-                 device: str | torch.device = "cpu",
-                 amp: str | None = None, channels_last: bool = False, compile: bool = False,
-                 cuda_graphs: bool = False, select_on: str | None = None,
-                 stop_after: int | None = None, save_every: int | None = None,
-                 checkpoint_extra: dict[str, Any] | None = None,
-                 summary_extra: dict[str, Any] | None = None, sync_every: int | None = None,
-                 progress: bool | None = None, log: Callable[[str], None] | None = None,
-                 dist: Dist | None = None) -> None:
+                 optim: OptimizerSettings | None = None, rules: UpdateRules | None = None,
+                 execution: Execution | None = None, checkpointing: Checkpointing | None = None,
+                 reporting: Reporting | None = None, dist: Dist | None = None,
+                 **flat: Any) -> None:
+        g = regroup({"optim": optim, "execution": execution, "checkpointing": checkpointing,
+                     "reporting": reporting}, flat)
+        run, saving, shown = g["execution"], g["checkpointing"], g["reporting"]
         self.rules = rules or UpdateRules()
-        if cuda_graphs:  # checked first: it needs no device
-            check_graphable(self.rules, optimizer, schedule.per_step())
-        self.device = torch.device(device)
+        if run.cuda_graphs:  # checked first: it needs no device
+            check_graphable(self.rules, g["optim"].optimizer, schedule.per_step())
+        self.device = torch.device(run.device)
         self.dist = dist or Dist()
         self.model = model.to(self.device)
-        if channels_last:
+        if run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.net = wrap_model(self.model, compile, self.dist, self.device)
+        self.net = wrap_model(self.model, run.compile, self.dist, self.device)
         self.train_loader = as_loader(train_loader)
         self.eval_loaders = eval_loaders
         self.epochs, self.schedule, self.run_dir = epochs, schedule, Path(run_dir)
-        self.amp, self.channels_last, self.stop_after = amp, channels_last, stop_after
-        if save_every is not None and save_every < 1:
-            raise ValueError(f"--save-every must be >= 1 optimiser step, got {save_every}")
-        self.save_every = save_every  # also write last.pt every N steps, not only per epoch
-        self.select_on = select_on or ("val" if "val" in eval_loaders else
-                                       next(iter(eval_loaders), None))
-        self.optimizer = build_optimizer(
-            self.model, optimizer, lr=schedule.lr, weight_decay=weight_decay,
-            decay_norm_bias=decay_norm_bias, momentum=momentum, nesterov=nesterov,
-            dampening=dampening)
+        self.amp, self.channels_last = run.amp, run.channels_last
+        self.stop_after, self.save_every = saving.stop_after, saving.save_every
+        self.optimizer = g["optim"].build(self.model, schedule.lr)
         self.ema = build_ema(self.model, self.rules.ema_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         self.graphed: GraphedTrainStep | None = None
-        if cuda_graphs:
-            check_supported(self.device, amp, self.dist.enabled, compile)
+        if run.cuda_graphs:
+            check_supported(self.device, run.amp, self.dist.enabled, run.compile)
             self.graphed = GraphedTrainStep(self.net, self.optimizer,
-                                            torch.bfloat16 if amp == "bf16" else None)
-        self.extra = dict(checkpoint_extra or {})
-        self.summary_extra = dict(summary_extra or {})
+                                            torch.bfloat16 if run.amp == "bf16" else None)
+        self.extra = dict(saving.extra)
+        self.summary_extra = dict(shown.summary_extra)
         # One host sync per step is free on CPU; on a GPU it would stall the launch queue.
-        self.sync_every = sync_every or (1 if self.device.type == "cpu" else 25)
-        live = sys.stdout.isatty() if progress is None else progress
+        self.sync_every = shown.sync_every or (1 if self.device.type == "cpu" else 25)
+        live = sys.stdout.isatty() if shown.progress is None else shown.progress
         self.progress = EpochProgress(live and self.dist.is_main)
-        self.log = (log or _print) if self.dist.is_main else (lambda line: None)
+        self.log = (shown.log or _print) if self.dist.is_main else (lambda line: None)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.step_in_epoch = 0  # batches of epoch ``self.epoch`` already trained on
-        self.partial = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0, "seconds": 0.0}
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
+        self.metrics = EpochMetrics(saving.select_on or (
+            "val" if "val" in eval_loaders else next(iter(eval_loaders), None)))
         self._stand_in: tuple[torch.Tensor, torch.Tensor] | None = None  # see _train_epoch
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping: int | None = None  # the signal every process agreed to stop on
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One row of metrics per finished epoch."""
+        return self.metrics.history
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.metrics.best
 
     # ------------------------------------------------------------------ distributed seams
     def _is_main(self) -> bool:
@@ -159,41 +163,6 @@ class Trainer(StopOnSignal):
     def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Every file a run writes goes through here (rank 0 only, once distributed)."""
         return fn(*args) if self._is_main() else None
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": ckpt.FORMAT, "version": ckpt.VERSION, **self.extra,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "scheduler": self.schedule.to_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-            "partial": dict(self.partial), "epochs": self.epochs,
-            "metrics": self.history, "best": self.best, "rng": ckpt.capture_rng_state(),
-            "rng_per_rank": gather_rng(self.dist, self.device),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by :meth:`state_dict` (RNG states included)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if not state.get("ema"):
-                raise ValueError("the checkpoint holds no EMA of the weights, but this run keeps "
-                                 "one (--ema-decay); resume with the stored configuration")
-            self.ema.load_state_dict(state["ema"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.step_in_epoch = int(state.get("step_in_epoch", 0))
-        self.partial = dict(state.get("partial") or self.partial)
-        self.history, self.best = list(state.get("metrics", [])), state.get("best")
-        ckpt.restore_rng_state(state["rng"])
-        restore_rng(state.get("rng_per_rank"), self.dist, self.device)
-
-    def _save(self, name: str) -> Path:
-        return self._write(ckpt.save_checkpoint, self.state_dict(), self.run_dir / name)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FitResult:
@@ -224,10 +193,10 @@ class Trainer(StopOnSignal):
             if self.stop_after is not None and self.stop_after <= self.epoch < self.epochs:
                 self.log(f"stopped after epoch {self.epoch} of {self.epochs} (--stop-after); "
                          f"continue with: densenets train --resume {self.run_dir}")
-                return FitResult("stopped", 0, self.summary())
+                return self._result("stopped", 0)
         summary = self.summary()
         self._write(write_json, summary, self.run_dir / "summary.json")
-        return FitResult("completed", 0, summary)
+        return self._result("completed", 0, summary)
 
     def _updates_per_epoch(self) -> int:
         return self.rules.updates_per_epoch(len(self.train_loader))
@@ -236,11 +205,9 @@ class Trainer(StopOnSignal):
         """One pass over the training batches; False when a signal asked us to stop."""
         self.net.train()
         loader = self.train_loader
-        start, t0, n0 = self.step_in_epoch, time.perf_counter(), self.partial["n"]
-        # ``partial`` holds the sums of all processes: carried by rank 0 alone, reduced below.
-        carried = [self.partial[k] for k in ("loss_sum", "correct", "n")]
-        sums = torch.tensor(carried if self._is_main() else [0.0] * 3,
-                            dtype=torch.float64, device=self.device)
+        start, t0, n0 = self.step_in_epoch, time.perf_counter(), self.metrics.partial["n"]
+        # The epoch's sums so far, of all processes: carried by rank 0 alone, reduced below.
+        sums = self.metrics.carried(self._is_main(), self.device)
         pending: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet checked
         interrupted, accumulated = False, False  # gradients waiting for their update
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,25 +256,9 @@ class Trainer(StopOnSignal):
                 break
         if pending:
             self._check_finite(pending, epoch)
-        self._set_partial(self._reduce(sums), t0)
+        self.metrics.set_partial(self._reduce(sums), t0)
         self.progress.stop()
         return not interrupted
-
-    def _save_step(self, pending: list[tuple[int, torch.Tensor]], sums: torch.Tensor,
-                   epoch: int, t0: float) -> None:
-        """``--save-every``: last.pt in the middle of an epoch, so a restart loses at most N
-        steps. Every process joins (at the same step: the sums and RNG states are gathered);
-        only rank 0 writes, and no one waits for it: they meet at the next all-reduce."""
-        self._check_finite(pending, epoch)  # never save over a good checkpoint with a bad one
-        pending.clear()
-        if self.stopping is not None:
-            return  # the stop saves this very state
-        in_epoch = self.partial
-        self._set_partial(self._reduce(sums), t0)
-        try:
-            self._save("last.pt")
-        finally:
-            self.partial = in_epoch
 
     def _loss_weight(self, loader, b: int, local: int) -> float:
         """Scales this process's mean loss so that the update (DDP's average over processes, the
@@ -337,7 +288,7 @@ class Trainer(StopOnSignal):
             return self.graphed(x, y)
         with no_sync(self.net, accumulating), autocast(self.device, self.amp):
             logits = self.net(x)
-        if logits.dtype in (torch.float16, torch.bfloat16):
+        if logits.dtype in LOW_PRECISION:
             logits = logits.float()  # the loss in full precision under autocast
         loss = self.rules.loss(logits, target)
         with no_sync(self.net, accumulating):
@@ -382,17 +333,9 @@ class Trainer(StopOnSignal):
                     f"saving. Last good checkpoint: {good}. Lower --lr, or use --amp bf16 "
                     "instead of fp16")
 
-    def _set_partial(self, sums: torch.Tensor, t0: float) -> None:
-        s = sums.tolist()
-        self.partial = {"loss_sum": s[0], "correct": s[1], "n": s[2],
-                        "seconds": self.partial["seconds"] + time.perf_counter() - t0}
-
     def _end_epoch(self, epoch: int, lr: float) -> dict[str, Any]:
         t0 = time.perf_counter()
-        p = self.partial
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr,
-                               "train_loss": p["loss_sum"] / max(p["n"], 1),
-                               "train_top1_err": 100 * (1 - p["correct"] / max(p["n"], 1))}
+        row = self.metrics.start_row(epoch, lr)
         net = self.net
         if self.dist.enabled:
             # Rank 0's BatchNorm statistics everywhere (they are the checkpoint's), and the
@@ -403,31 +346,20 @@ class Trainer(StopOnSignal):
             if self.ema is not None:  # each process averaged its own BN statistics
                 self.dist.broadcast_buffers(self.ema.module)
         for split, loader in self.eval_loaders.items():
-            m = evaluate(net, loader, self.device, amp=self.amp,
-                         channels_last=self.channels_last, reduce=self._reduce)
-            row.update({f"{split}_loss": m["loss"], f"{split}_top1_err": m["top1_err"],
-                        f"{split}_top5_err": m["top5_err"]})
+            self.metrics.add_split(row, split, self._evaluate(net, loader))
             if self.ema is not None:  # the averaged weights beside the model, same split
-                m = evaluate(self.ema.module, loader, self.device, amp=self.amp,
-                             channels_last=self.channels_last, reduce=self._reduce)
-                row.update({f"{split}_ema_loss": m["loss"],
-                            f"{split}_ema_top1_err": m["top1_err"],
-                            f"{split}_ema_top5_err": m["top5_err"]})
-        row["seconds"] = p["seconds"] + time.perf_counter() - t0
-        row["images_per_s"] = p["n"] / max(p["seconds"], 1e-9)
-        self.history.append(row)
+                self.metrics.add_split(row, f"{split}_ema", self._evaluate(self.ema.module,
+                                                                           loader))
+        improved = self.metrics.finish(row, t0)
         self.epoch, self.step_in_epoch = epoch + 1, 0
-        self.partial = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0, "seconds": 0.0}
-        key = f"{self.select_on}_top1_err"
-        improved = key in row and (self.best is None or row[key] < self.best["top1_err"])
-        if improved:
-            self.best = {"epoch": epoch + 1, "split": self.select_on, "top1_err": row[key]}
         self._write(write_metrics, self.history, self.run_dir / "metrics.csv")
         self._write(write_curves, self.history, self.run_dir / "curves.png")
-        self._save("last.pt")
-        if improved or not (self.run_dir / "best.pt").exists():
-            self._save("best.pt")
+        self._save_epoch(improved)
         return row
+
+    def _evaluate(self, net: nn.Module, loader) -> dict[str, float]:
+        return evaluate(net, loader, self.device, amp=self.amp, channels_last=self.channels_last,
+                        reduce=self._reduce)
 
     def _interrupted(self) -> FitResult:
         self._save("last.pt")
@@ -436,14 +368,13 @@ class Trainer(StopOnSignal):
             else f"the end of epoch {self.epoch}"
         self.log(f"{name}: saved {self.run_dir / 'last.pt'} at {where} (step {self.step}); "
                  f"continue with: densenets train --resume {self.run_dir}")
-        return FitResult("interrupted", EXIT_SIGNAL.get(self.stopping, 130), self.summary())
+        return self._result("interrupted", EXIT_SIGNAL.get(self.stopping, 130))
 
     def summary(self) -> dict[str, Any]:
         """Epochs, time, the last epoch's metrics and those of the best epoch."""
-        h = self.history
-        seconds = sum(r["seconds"] for r in h)
-        at_best = next((r for r in h if self.best and r["epoch"] == self.best["epoch"]), None)
-        return {**self.summary_extra, "epochs_completed": self.epoch, "epochs": self.epochs,
-                "steps": self.step, "seconds": seconds,
-                "images_per_s": sum(r["images_per_s"] for r in h) / len(h) if h else None,
-                "final": h[-1] if h else None, "best": self.best, "at_best": at_best}
+        return self.metrics.summary(**self.summary_extra, epochs_completed=self.epoch,
+                                    epochs=self.epochs, steps=self.step)
+
+    def _result(self, status: str, exit_code: int, summary: dict | None = None) -> FitResult:
+        summary = self.summary() if summary is None else summary
+        return FitResult(status, exit_code, summary, self.dist.is_main)

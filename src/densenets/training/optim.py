@@ -34,6 +34,25 @@ def param_groups(model: nn.Module, weight_decay: float,
             {"params": exempt, "weight_decay": 0.0}]
 
 
+@dataclass(kw_only=True)
+class OptimizerSettings:
+    """The optimiser of every update: the paper's SGD (momentum, Nesterov, dampening, weight
+    decay on every parameter) or AdamW (betas 0.9, 0.999; decoupled weight decay);
+    ``decay_norm_bias=False`` exempts the 1-D parameters from weight decay."""
+
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    dampening: float = 0.0
+    weight_decay: float = 1e-4
+    decay_norm_bias: bool = True
+
+    def build(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.optimizer, lr=lr, weight_decay=self.weight_decay,
+                               decay_norm_bias=self.decay_norm_bias, momentum=self.momentum,
+                               nesterov=self.nesterov, dampening=self.dampening)
+
+
 def build_optimizer(model: nn.Module, name: str = "sgd", *, lr: float, weight_decay: float,
                     decay_norm_bias: bool = True, momentum: float = 0.9, nesterov: bool = True,
                     dampening: float = 0.0) -> torch.optim.Optimizer:

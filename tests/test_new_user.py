@@ -16,7 +16,7 @@ from support import vary_bn, write_image_folder
 from densenets import create_model, load, save, summary
 from densenets.cli import main
 from densenets.deploy.predict import predict_files
-from densenets.training import recipes
+from densenets.training import config
 from densenets.training.data import build_data
 from densenets.training.imagefolder import eval_transform, train_transform
 from densenets.training.recipes import TrainConfig, resolve
@@ -213,9 +213,9 @@ def test_folder_training_records_the_augmentation_and_counts_readable_images(tmp
 
 def test_workers_default_to_what_the_machine_has(monkeypatch):
     for cores, expected in ((1, 0), (2, 0), (4, 3), (64, 8)):
-        monkeypatch.setattr(recipes.os, "sched_getaffinity", lambda _, n=cores: set(range(n)),
+        monkeypatch.setattr(config.os, "sched_getaffinity", lambda _, n=cores: set(range(n)),
                             raising=False)
-        assert recipes.default_workers() == expected
+        assert config.default_workers() == expected
         assert resolve("folder").workers == expected
         assert resolve("folder", workers=5).workers == 5
 

@@ -75,17 +75,17 @@ def test_bad_values_are_rejected_with_the_flag_named(bad, match):
 
 
 def test_weight_decay_flag_reaches_the_optimiser(tmp_path, monkeypatch):
-    from densenets.cli import train_cmds
+    from densenets.training import run
 
     seen = {}
-    real = train_cmds.Trainer
+    real = run.Trainer
 
     def spy(*args, **kwargs):
         trainer = real(*args, **kwargs)
         seen["wd"] = trainer.optimizer.param_groups[0]["weight_decay"]
         raise SystemExit(0)
 
-    monkeypatch.setattr(train_cmds, "Trainer", spy)
+    monkeypatch.setattr(run, "Trainer", spy)
     with pytest.raises(SystemExit):
         main(["train", "--weight-decay", "5e-4", "--epochs", "1", "--out", str(tmp_path / "r")])
     assert seen["wd"] == 5e-4

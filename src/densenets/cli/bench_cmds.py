@@ -7,6 +7,8 @@ import json
 
 from rich.table import Table
 
+from ..device import resolve_device
+from .flags import add_device_flag
 from .output import console
 
 
@@ -33,13 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure torchvision's DenseNet of the same architecture instead")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5; median shown)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
 
 
 def _default_batch(model: str, device: str) -> int:
-    from ..analysis.bench import resolve_device
     from ..models.zoo import IMAGENET
 
     if model.lower() in IMAGENET:

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
-from pathlib import Path
 
 from rich.table import Table
 
 from ..analysis.summary import human, model_stats, paper_tables, summary
-from ..factory import create_model, list_models
-from ..models.zoo import VARIANTS, cifar_config
-from ..weights.files import load
+from ..factory import list_models
+from .flags import add_model_source, model_of
 from .output import console
-
-_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "classifier. MODEL is a zoo name (densenet121, densenet-bc-100-k12, ...), "
                     "a variant (densenet, densenet-b, densenet-c, densenet-bc) with --depth, "
                     "or a weights file or run directory (its stored architecture).")
-    p.add_argument("model", help="zoo name, variant, weights file or run directory")
-    add_model_overrides(p)
+    add_model_source(p, "zoo name, variant, weights file or run directory")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="input size (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=1, help="batch dimension (default 1)")
@@ -43,67 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("paper", help="the paper's Tables 1 and 2 beside our computed numbers")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_paper)
-
-
-def add_model_overrides(p: argparse.ArgumentParser) -> None:
-    """Flags that change a zoo model's architecture (shared by every verb that builds one)."""
-    g = p.add_argument_group("architecture overrides")
-    g.add_argument("--depth", type=int, help="depth L for a CIFAR/SVHN variant name")
-    g.add_argument("--growth-rate", "-k", type=int, help="growth rate k")
-    g.add_argument("--compression", type=float, help="compression theta in (0, 1]")
-    g.add_argument("--block-config", type=int, nargs="+", metavar="N", help="layers per block")
-    g.add_argument("--init-features", type=int, dest="num_init_features",
-                   help="channels of the stem convolution")
-    g.add_argument("--num-classes", type=int, help="classifier outputs")
-    g.add_argument("--in-channels", type=int, help="input image channels")
-    g.add_argument("--stem", choices=("imagenet", "cifar"), help="stem type")
-    g.add_argument("--drop-rate", type=float, help="dropout after each convolution")
-
-
-def model_from_args(args: argparse.Namespace):
-    """Build the model a verb was asked for: a zoo name plus overrides, or a variant + --depth."""
-    overrides = {k: getattr(args, k) for k in ("growth_rate", "compression", "num_init_features",
-                                              "num_classes", "in_channels", "stem", "drop_rate",
-                                              "drop_path_rate")
-                 if getattr(args, k, None) is not None}
-    if getattr(args, "block_config", None):
-        overrides["block_config"] = tuple(args.block_config)
-    name = args.model.lower()
-    if name in VARIANTS:
-        if args.depth is None:
-            raise ValueError(f"{name} needs --depth, e.g. `densenets summary {name} --depth 100`")
-        k = overrides.pop("growth_rate", 12)
-        cfg = {**cifar_config(name, args.depth, k), **overrides}
-        from ..models.densenet import DenseNet
-
-        return f"{name}-{args.depth}-k{k}", DenseNet(**cfg)
-    if getattr(args, "depth", None) is not None:
-        raise ValueError("--depth applies to a variant name (densenet, densenet-b, densenet-c, "
-                         f"densenet-bc), not to {args.model!r}")
-    return name, create_model(name, **overrides)
-
-
-def is_file_spec(spec: str) -> bool:
-    """Whether MODEL names a weights file or run directory rather than a zoo name."""
-    p = Path(spec)
-    return p.exists() or p.suffix.lower() in _FILE_SUFFIXES or "/" in spec or "\\" in spec
-
-
-def model_from_file(args: argparse.Namespace):
-    """(name, model) for a weights file or run directory; adaptation notes go to stderr."""
-    given = [k for k in ("growth_rate", "compression", "num_init_features", "num_classes",
-                         "in_channels", "stem", "drop_rate", "block_config", "depth")
-             if getattr(args, k, None)]
-    if getattr(args, "weights", None) or given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--weights"
-        raise ValueError(f"{flags} applies to a zoo name; the file {args.model} already "
-                         "fixes the architecture and weights")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        model = load(args.model)
-    for w in caught:
-        print(f"densenets {args.command}: note: {w.message}", file=sys.stderr)
-    return model.weights_meta.get("model_name") or Path(args.model).stem, model
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -127,7 +59,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    name, model = model_from_file(args) if is_file_spec(args.model) else model_from_args(args)
+    name, model = model_of(args)
     if args.input_size:
         size = (args.batch_size, *args.input_size)
     else:  # the size the weights were trained at, else the stem's native one

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .inspect_cmds import add_model_overrides, is_file_spec, model_from_args
+from .flags import add_model_source, is_file_spec, model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "classifier after it) uses the maps of every earlier layer: mean |w| over "
                     "the input channels each source produced. Writes the heatmap to -o and the "
                     "matrix beside it as .json and .csv.")
-    p.add_argument("model", metavar="CHECKPOINT_OR_MODEL",
-                   help="a weights file (.pt/.pth/.safetensors: ours, torchvision's, timm's), a "
-                        "run directory (its best.pt), or a zoo name (random weights)")
-    add_model_overrides(p)
+    add_model_source(p, "a weights file (.pt/.pth/.safetensors: ours, torchvision's, timm's), a "
+                        "run directory (its best.pt), or a zoo name (random weights)",
+                     "CHECKPOINT_OR_MODEL")
     p.add_argument("-o", "--output", default="reuse.png", help="image file, .png or .svg "
                    "(default reuse.png); the matrix goes to the same name with .json and .csv")
     p.add_argument("--scale", choices=("mean", "target", "z"), default="mean",
@@ -34,9 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The network (stem, blocks, transitions, head with channels and spatial "
                     "sizes) and one dense block wired as in the paper's Figure 1, drawn from "
                     "the model itself.")
-    p.add_argument("model", metavar="MODEL", help="a zoo name, a variant with --depth, a "
-                   "weights file or a run directory")
-    add_model_overrides(p)
+    add_model_source(p, "a zoo name, a variant with --depth, a weights file or a run directory")
     p.add_argument("-o", "--output", default="model.svg", help=".svg or .png (default model.svg)")
     p.add_argument("--block", type=int, default=1, help="which dense block to draw (default 1)")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),

@@ -10,16 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from ..deploy.export import FORMATS, check_destination, export, verify, within_tolerance
 from ..deploy.predict import predict_files, weights_meta
-from ..factory import create_model
-from .inspect_cmds import add_model_overrides, is_file_spec, model_from_args, model_from_file
-
-_OVERRIDES = ("growth_rate", "compression", "num_init_features", "num_classes", "in_channels",
-              "stem", "drop_rate")
+from .flags import add_device_flag, add_model_source, is_file_spec, model_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,18 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_flag(p, default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="CHECKPOINT_OR_MODEL",
-                   help="weights file, run directory, or zoo name (random weights)")
+    add_model_source(p, "weights file, run directory, or zoo name (random weights)",
+                     "CHECKPOINT_OR_MODEL")
     p.add_argument("--weights", metavar="imagenet|hf-hub:ORG/NAME|PATH",
                    help="for a zoo name: the published ImageNet weights (torchvision's; the "
                         "Hub's for densenetblur121d and RDNet), a Hub repository or a local file")
-    add_model_overrides(p)
 
 
 def is_random(args: argparse.Namespace) -> bool:
@@ -71,30 +65,10 @@ def is_random(args: argparse.Namespace) -> bool:
     return not is_file_spec(args.model) and not args.weights
 
 
-def resolve_model(args: argparse.Namespace):
-    """(name, model) for CHECKPOINT_OR_MODEL; adaptation notes go to stderr, one line each."""
-    if is_file_spec(args.model):
-        return model_from_file(args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        if args.weights:
-            overrides = {k: getattr(args, k) for k in _OVERRIDES
-                         if getattr(args, k, None) is not None}
-            if args.block_config:
-                overrides["block_config"] = tuple(args.block_config)
-            name = args.model.lower()
-            model = create_model(name, weights=args.weights, **overrides)
-        else:
-            name, model = model_from_args(args)
-    for w in caught:
-        print(f"densenets {args.command}: note: {w.message}", file=sys.stderr)
-    return name, model
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     if args.output:  # before loading anything: a bad destination fails in a moment
         check_destination(args.output, FORMATS[args.format])
-    name, model = resolve_model(args)
+    name, model = model_of(args)
     out = args.output or f"{Path(name).name}{FORMATS[args.format]}"
     size = tuple(args.input_size) if args.input_size else None
     result = export(model, out, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset,
@@ -138,7 +112,7 @@ RANDOM_WEIGHTS = ("random weights: this network is untrained, so its classes mea
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    name, model = resolve_model(args)
+    name, model = model_of(args)
     report = predict_files(model, args.images, topk=args.topk, batch_size=args.batch_size,
                            device=args.device)
     meta = weights_meta(model)

@@ -80,7 +80,7 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     return ema
 
 
-@dataclass
+@dataclass(kw_only=True)
 class UpdateRules:
     """What each optimiser update applies beyond forward, cross-entropy, backward and step.
 

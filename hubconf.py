@@ -14,21 +14,8 @@ if os.path.isdir(_SRC) and _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from densenets import load  # noqa: E402
+from densenets.factory import builder as _entry  # noqa: E402
 from densenets.factory import create_model  # noqa: E402
-
-
-def _entry(name):
-    def build(pretrained=False, weights=None, **kwargs):
-        if pretrained and weights is None:
-            weights = "imagenet"
-        return create_model(name, weights=weights, **kwargs)
-
-    build.__name__ = name.replace("-", "_")
-    build.__doc__ = (f"{name}; weights='imagenet' (or pretrained=True) loads its published "
-                     "weights, weights=PATH a local file; other keyword arguments "
-                     "as in densenets.create_model (num_classes, features_only, ...).")
-    return build
-
 
 densenet121 = _entry("densenet121")
 densenet161 = _entry("densenet161")

@@ -127,7 +127,7 @@ def test_authors_original_checkpoint_loads(tmp_path, tiny_pair):
         assert torch.equal(tuned.forward_features(X), want["final"])
     with pytest.raises(KeyMismatchError, match="stem.0.weight.*looks like rdnet_tiny"):
         load_into(RDNet(**SMALL), read_checkpoint(tmp_path / "rdnet_tiny.pth").state_dict)
-    with pytest.raises(KeyMismatchError, match="hold an RDNet"):
+    with pytest.raises(KeyMismatchError, match="hold RDNet weights"):
         create_model("densenet121", weights=tmp_path / "rdnet_tiny.pth")
 
 

@@ -358,3 +358,38 @@ def test_input_checks_stay_for_eager_users_and_step_aside_when_traced():
     torch.fx.symbolic_trace(model)  # raises if a check branches on a traced shape
     backbone = create_model("densenet-bc-16-k4", features_only=True)
     assert len(torch.fx.symbolic_trace(backbone)(torch.randn(1, 3, 32, 32))) == 4
+
+
+# One index rule for every family and for the backbone wrapper: a bool is refused everywhere.
+SMALL_RDNET = dict(num_init_features=16, growth_rates=(8, 16, 16), downsample=(False, True, False),
+                   effective_se=(False, True, True), num_classes=5)
+
+
+@pytest.mark.parametrize("name, kw", [("densenet-bc-16-k4", {}), ("rdnet_tiny", SMALL_RDNET)])
+@pytest.mark.parametrize("bad", [True, [True], (0, False)])
+def test_a_bool_index_is_refused_by_the_model_its_pruning_and_its_backbone(name, kw, bad):
+    x = torch.randn(1, 3, 32, 32)
+    model = create_model(name, **kw)
+    with pytest.raises(ValueError, match="indices|feature index"):
+        model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="indices|feature index"):
+        model.prune_intermediate_layers(bad)
+    with pytest.raises(ValueError, match="out_indices"):
+        create_model(name, features_only=True, out_indices=bad, **kw)
+
+
+@pytest.mark.parametrize("name, kw", [("densenet-bc-16-k4", {}), ("rdnet_tiny", SMALL_RDNET)])
+def test_both_families_prune_through_the_one_contract(name, kw):
+    model = create_model(name, **kw).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(x)
+        assert model.prune_intermediate_layers([-2]) == [len(maps) - 2]
+        # the taps past the cut are gone with their modules, so the pruned model taps anew
+        assert len(model.feature_info) == len(maps) - 1 and model.num_classes == 0
+        assert torch.equal(model.forward_features(x), maps[-2])
+        assert model(x).shape[1] == model.num_features == maps[-2].shape[1]
+        assert torch.equal(model.forward_intermediates(x)[1][-1], maps[-2])
+    backbone = create_model(name, features_only=True, **kw).eval()
+    assert set(backbone.state_dict()) <= set(create_model(name, **kw).state_dict())
+    assert [m.shape[1] for m in backbone(x)] == backbone.feature_info.channels()

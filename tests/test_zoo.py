@@ -92,3 +92,31 @@ def test_unknown_name_suggests_closest():
         create_model("densenet12")
     with pytest.raises(ValueError, match="unknown model"):
         create_model("resnet50")
+
+
+def test_the_family_registry_answers_for_every_name_model_and_config():
+    from densenets import RDNet
+    from densenets.models.registry import (
+        FAMILIES,
+        family_for,
+        family_for_config,
+        family_of,
+        model_from_config,
+    )
+
+    assert list_models() == [n for f in FAMILIES.values() for n in f.names()]
+    for name in ("densenet121", "densenet-bc-100-k12", "rdnet_tiny"):
+        family = family_for(name)
+        with torch.device("meta"):
+            model = create_model(name)
+        assert family_of(model) is family and isinstance(model, family.model)
+        config = model.config.to_dict()
+        assert family_for_config(config) is family
+        with torch.device("meta"):
+            assert model_from_config(config).config == model.config
+    assert family_for("rdnet_small").supports_drop_path
+    assert not family_for("densenet121").supports_drop_path
+    assert family_of(torch.nn.Linear(1, 1)) is None
+    assert family_for_config({"growth_rate": 12}).model is not RDNet
+    with pytest.raises(ValueError, match="fits no model family"):
+        family_for_config({"growth_rate": 12, "patch_size": 4})

@@ -13,13 +13,17 @@ picture itself can be checked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..models.densenet import DenseBlock, DenseNet
 from ..models.rdnet import RDNet
+from ..models.registry import family_of, model_kinds
 from .summary import summary
 
 FORMATS = (".svg", ".png")
@@ -38,18 +42,21 @@ class Stage:
     connections: int | None = None
 
 
-def default_input_size(model: DenseNet) -> tuple[int, int, int]:
-    """(C, H, W) the model's stem was designed for: 224 for ImageNet, 32 for CIFAR."""
-    side = 224 if getattr(model.config, "stem", "imagenet") == "imagenet" else 32
-    return (model.config.in_channels, side, side)
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was designed for, as its ``pretrained_cfg`` says: 224 for ImageNet
+    stems and RDNets, 32 for CIFAR stems."""
+    return tuple(model.pretrained_cfg["input_size"])
 
 
-def network_stages(model: DenseNet, input_size: tuple[int, int, int] | None = None
+def network_stages(model: nn.Module, input_size: tuple[int, int, int] | None = None
                    ) -> list[Stage]:
     """The overview's boxes, with shapes from a forward pass on the meta device (no compute)."""
-    c, h, w = input_size or default_input_size(model)
-    if isinstance(model, RDNet):
-        return _rdnet_stages(model, (c, h, w))
+    return _drawing(model).stages(model, input_size or default_input_size(model))
+
+
+def _densenet_stages(model: DenseNet, size: tuple[int, int, int]) -> list[Stage]:
+    """A DenseNet's boxes: the stem, each dense block and transition, the head."""
+    c, h, w = size
     cfg = model.config
     with torch.device("meta"):
         shadow = DenseNet(**{**cfg.to_dict(), "memory_efficient": False})
@@ -217,13 +224,49 @@ def _height(span: int) -> float:
     return 0.45 * span ** 0.75
 
 
-def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | None = None,
+def _densenet_title(model: DenseNet, n: int, params: int) -> str:
+    return (f"DenseNet: {n} dense blocks {tuple(model.config.block_config)}, "
+            f"k={model.config.growth_rate}, {params:,} parameters")
+
+
+def _rdnet_title(model: RDNet, n: int, params: int) -> str:
+    return (f"RDNet: {n} mixing blocks, growth rates {min(model.config.growth_rates)}-"
+            f"{max(model.config.growth_rates)}, {params:,} parameters")
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """How a family's model is drawn: its overview boxes, its dense blocks, its title."""
+
+    stages: Callable[[Any, tuple[int, int, int]], list[Stage]]
+    blocks: Callable[[Any], list[nn.Module]]  # with num_layers, growth_rate, connections...
+    title: Callable[[Any, int, int], str]  # model, number of blocks, parameters
+
+
+# One drawing per model family, by the registry's family name.
+DRAWINGS = {
+    "densenet": _Drawing(_densenet_stages, lambda m: [
+        getattr(m.features, f"denseblock{i}") for i in range(1, len(m.config.block_config) + 1)],
+        _densenet_title),
+    "rdnet": _Drawing(_rdnet_stages, lambda m: [stage[-1] for stage in m.dense_stages],
+                      _rdnet_title),
+}
+
+
+def _drawing(model: nn.Module) -> _Drawing:
+    family = family_of(model)
+    if family is None:
+        raise TypeError(f"diagrams draw a densenets {model_kinds()}, got "
+                        f"{type(model).__name__}")
+    return DRAWINGS[family.name]
+
+
+def draw(model: nn.Module, block: int = 1, input_size: tuple[int, int, int] | None = None,
          title: str | None = None):
     """The figure of the network and dense block ``block`` (1-based), and what was drawn:
     the stages and the block's connection counts."""
-    blocks = ([stage[-1] for stage in model.dense_stages] if isinstance(model, RDNet)
-              else [getattr(model.features, f"denseblock{i}")
-                    for i in range(1, len(model.config.block_config) + 1)])
+    drawing = _drawing(model)
+    blocks = drawing.blocks(model)
     n = len(blocks)
     if not 1 <= block <= n:
         raise ValueError(f"--block must be between 1 and {n} (this model has {n} dense blocks), "
@@ -234,7 +277,7 @@ def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | Non
     import matplotlib.pyplot as plt
 
     stages = network_stages(model, input_size)
-    dense_block: DenseBlock = blocks[block - 1]
+    dense_block = blocks[block - 1]
     L = dense_block.num_layers
     width = max(10.0, 1.15 * len(stages), 0.25 * (L + 3))
     block_h = 4.0 if L <= 24 else 5.0
@@ -244,18 +287,12 @@ def draw(model: DenseNet, block: int = 1, input_size: tuple[int, int, int] | Non
     exit_name = "transition" if block < n else "classifier"
     counts = draw_block(bottom, dense_block, block, exit_name)
     params = sum(p.numel() for p in model.parameters())
-    if isinstance(model, RDNet):
-        default = (f"RDNet: {n} mixing blocks, growth rates {min(model.config.growth_rates)}-"
-                   f"{max(model.config.growth_rates)}, {params:,} parameters")
-    else:
-        default = (f"DenseNet: {n} dense blocks {tuple(model.config.block_config)}, "
-                   f"k={model.config.growth_rate}, {params:,} parameters")
-    fig.suptitle(title or default, fontsize=11)
+    fig.suptitle(title or drawing.title(model, n, params), fontsize=11)
     fig.tight_layout()
     return fig, {"stages": [asdict(s) for s in stages], **counts}
 
 
-def diagram(model: DenseNet, path: str | Path, block: int = 1,
+def diagram(model: nn.Module, path: str | Path, block: int = 1,
             input_size: tuple[int, int, int] | None = None, title: str | None = None) -> dict:
     """Draw the network and dense block ``block`` (1-based) to ``path`` (.svg or .png).
 

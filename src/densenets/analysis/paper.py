@@ -1,22 +1,37 @@
-"""The paper's published figures, as data: Tables 1-3 and torchvision's reference accuracies.
+"""The paper's published figures, as data: Tables 1-3 and RDNet's published sizes.
 
 Everything here is quoted, not computed; :mod:`densenets.analysis.summary` computes ours beside it.
+torchvision's parameter counts and accuracies for its weights live with those weights
+(:data:`densenets.weights.pretrained.PRETRAINED`), as its ``Weights`` records keep them.
 """
 
 from __future__ import annotations
 
+from ..weights.pretrained import PRETRAINED
+
 # Table 1: ImageNet architectures (k = 32, theta = 0.5; 161 has k = 48 and a 96-channel stem).
-# Table 3: single-crop / 10-crop validation error (%). torchvision: its evaluation of its own
-# weights (resize 256 bilinear, centre crop 224), accuracy (%).
-IMAGENET_ROWS = [
-    # name, params (torchvision build, 1000 classes), top-1 err 1-crop, 10-crop,
-    # top-5 err 1-crop, 10-crop, torchvision top-1 acc, top-5 acc
-    ("densenet121", 7_978_856, 25.02, 23.61, 7.71, 6.66, 74.434, 91.972),
-    ("densenet161", 28_681_000, None, None, None, None, 77.138, 93.560),
-    ("densenet169", 14_149_480, 23.80, 22.08, 6.85, 5.92, 75.600, 92.806),
-    ("densenet201", 20_013_928, 22.58, 21.46, 6.34, 5.54, 76.896, 93.370),
-    ("densenet264", None, 22.15, 20.80, 6.12, 5.29, None, None),
-]
+# Table 3: single-crop / 10-crop validation error (%): top-1 1-crop, 10-crop, top-5 1-crop,
+# 10-crop (DenseNet-161 is not in the paper).
+TABLE3 = {
+    "densenet121": (25.02, 23.61, 7.71, 6.66),
+    "densenet161": (None, None, None, None),
+    "densenet169": (23.80, 22.08, 6.85, 5.92),
+    "densenet201": (22.58, 21.46, 6.34, 5.54),
+    "densenet264": (22.15, 20.80, 6.12, 5.29),
+}
+
+
+def _torchvision(name: str) -> tuple[int | None, float | None, float | None]:
+    """torchvision's parameter count and its evaluation of its weights (resize 256 bilinear,
+    centre crop 224, accuracy %), from the weights' own record."""
+    tv = PRETRAINED.get(name)
+    return (tv.num_params, tv.top1, tv.top5) if tv else (None, None, None)
+
+
+# name, params (torchvision build, 1000 classes), top-1 err 1-crop, 10-crop,
+# top-5 err 1-crop, 10-crop, torchvision top-1 acc, top-5 acc
+IMAGENET_ROWS = [(name, _torchvision(name)[0], *errors, *_torchvision(name)[1:])
+                 for name, errors in TABLE3.items()]
 
 # DenseNet-121 at 224x224: 2.83-2.87 G multiply-adds in the literature.
 DENSENET121_GMACS = (2.83, 2.87)

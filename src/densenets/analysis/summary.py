@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..models.densenet import DenseBlock, DenseLayer, DenseNet, Transition
-from ..models.rdnet import RDNET, RDNet
-from ..models.rdnet_layers import FeatureMixer, MixerStack
+from ..models.densenet import DenseBlock, DenseNetConfig, Transition
+from ..models.rdnet import RDNet, RDNetConfig
+from ..models.registry import family_of, model_kinds
 
 
 @dataclass
@@ -146,40 +148,86 @@ def _leaf_macs(module: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
-def _described(model: DenseNet) -> list[tuple[str, str, nn.Module, int]]:
-    """(name, kind, module, depth) for every row, in forward order."""
-    items: list[tuple[str, str, nn.Module, int]] = []
+class Part(NamedTuple):
+    """One row to be: a module of the model, what to call it, and how to count it."""
+
+    name: str
+    kind: str
+    module: nn.Module
+    depth: int = 0
+    grows: bool = False  # a dense layer: its row shows the block's width after it
+    connections: int | None = None  # a dense block's direct connections
+
+
+def _densenet_parts(model: nn.Module) -> list[Part]:
+    """A DenseNet's rows: each stem op, dense block with its layers, transition, the head."""
+    items: list[Part] = []
     for name, m in model.features.named_children():
         if isinstance(m, DenseBlock):
-            items.append((name, f"dense block ({m.num_layers} layers)", m, 0))
+            items.append(Part(name, f"dense block ({m.num_layers} layers)", m,
+                              connections=m.num_connections))
             for lname, layer in m.named_children():
-                items.append((lname, f"dense layer (+{layer.growth_rate})", layer, 1))
+                items.append(Part(lname, f"dense layer (+{layer.growth_rate})", layer, 1, True))
         elif isinstance(m, Transition):
-            items.append((name, "transition", m, 0))
+            items.append(Part(name, "transition", m))
         else:
-            items.append((name, type(m).__name__, m, 0))
-    items.append(("global_pool", "AdaptiveAvgPool2d", model.global_pool, 0))
-    items.append(("classifier", "Linear", model.classifier, 0))
+            items.append(Part(name, type(m).__name__, m))
+    items.append(Part("global_pool", "AdaptiveAvgPool2d", model.global_pool))
+    items.append(Part("classifier", "Linear", model.classifier))
     return items
 
 
-def _described_rdnet(model: RDNet) -> list[tuple[str, str, nn.Module, int]]:
-    """RDNet's rows: the stem, each mixing block with its transition and feature mixers."""
-    items: list[tuple[str, str, nn.Module, int]] = [("stem", "patchify stem + LayerNorm",
-                                                     model.stem, 0)]
+def _rdnet_parts(model: RDNet) -> list[Part]:
+    """An RDNet's rows: the stem, each mixing block with its transition and feature mixers."""
+    items = [Part("stem", "patchify stem + LayerNorm", model.stem)]
     for i, block in enumerate(model.dense_stages):
         *transition, mixers = list(block.children())
         down = transition and transition[1].stride[0] > 1
-        items.append((f"mixing block {i}", f"{len(mixers._modules)} mixers, "
-                      f"+{mixers.dense_block0.growth_rate} each", block, 0))
+        items.append(Part(f"mixing block {i}", f"{len(mixers._modules)} mixers, "
+                          f"+{mixers.dense_block0.growth_rate} each", block,
+                          connections=mixers.num_connections))
         if transition:
-            items.append(("transition norm", "LayerNorm", transition[0], 1))
-            items.append(("transition", "patch merging 2x2/2" if down else "1x1 conv",
-                          transition[1], 1))
+            items.append(Part("transition norm", "LayerNorm", transition[0], 1))
+            items.append(Part("transition", "patch merging 2x2/2" if down else "1x1 conv",
+                              transition[1], 1))
         for name, mixer in mixers.named_children():
-            items.append((name, f"feature mixer (+{mixer.growth_rate})", mixer, 1))
-    items.append(("head", "pool, LayerNorm, linear", model.head, 0))
+            items.append(Part(name, f"feature mixer (+{mixer.growth_rate})", mixer, 1, True))
+    items.append(Part("head", "pool, LayerNorm, linear", model.head))
     return items
+
+
+def _densenet_terms(c: DenseNetConfig) -> dict[str, Any]:
+    return {"growth_rate": c.growth_rate, "block_config": list(c.block_config),
+            "bottleneck": c.bottleneck, "compression": c.compression, "stem": c.stem,
+            "num_classes": c.num_classes}
+
+
+def _rdnet_terms(c: RDNetConfig) -> dict[str, Any]:
+    """An RDNet in DenseNet's terms: one growth rate per mixing block, a patchify stem."""
+    return {"growth_rate": list(c.growth_rates),
+            "block_config": [c.mixers_per_block] * len(c.growth_rates), "bottleneck": True,
+            "compression": c.compression, "stem": "patchify", "num_classes": c.num_classes}
+
+
+@dataclass(frozen=True)
+class _View:
+    """How a family's model is tabulated: its rows, and its config in the listings' terms."""
+
+    parts: Callable[[Any], list[Part]]
+    terms: Callable[[Any], dict[str, Any]]
+
+
+# One view per model family, by the registry's family name.
+VIEWS = {"densenet": _View(_densenet_parts, _densenet_terms),
+         "rdnet": _View(_rdnet_parts, _rdnet_terms)}
+
+
+def _view(model: nn.Module, what: str) -> _View:
+    family = family_of(model)
+    if family is None:
+        raise TypeError(f"{what} expects a densenets {model_kinds()}, got "
+                        f"{type(model).__name__}")
+    return VIEWS[family.name]
 
 
 def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
@@ -191,9 +239,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
     concatenated feature map after that layer (k channels more than the row before).
     The model's train/eval mode is restored afterwards; nothing in it changes.
     """
-    if not isinstance(model, DenseNet | RDNet):
-        raise TypeError(f"summary expects a densenets DenseNet or RDNet, got "
-                        f"{type(model).__name__}")
+    parts = _view(model, "summary").parts(model)
     size = tuple(int(s) for s in input_size)
     if len(size) == 3:
         size = (1, *size)
@@ -209,8 +255,10 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
     def leaf_hook(m: nn.Module, _inp, out) -> None:
         macs[m] = macs.get(m, 0) + _leaf_macs(m, out)
 
+    grows = {p.module for p in parts if p.grows}
+
     def shape_hook(m: nn.Module, inp, out) -> None:
-        if isinstance(m, DenseLayer | FeatureMixer):
+        if m in grows:
             # Show the block's concatenated width after this layer, as the paper counts it.
             prev = inp[0] if isinstance(inp[0], list) else [inp[0]]  # a mixer reads a list
             n, _, h, w = prev[0].shape
@@ -218,10 +266,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
         else:
             shapes[m] = tuple(out.shape)
 
-    rows_spec = _described_rdnet(model) if isinstance(model, RDNet) else _described(model)
     handles = [m.register_forward_hook(leaf_hook) for m in model.modules()
                if isinstance(m, nn.Conv2d | nn.Linear)]
-    handles += [m.register_forward_hook(shape_hook) for _, _, m, _ in rows_spec]
+    handles += [p.module.register_forward_hook(shape_hook) for p in parts]
     was_training = model.training
     try:
         model.eval()
@@ -233,12 +280,10 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
             h.remove()
 
     result = Summary(name or getattr(model, "name", None) or "DenseNet", size)
-    for rname, kind, m, depth in rows_spec:
-        row_macs = sum(macs.get(sub, 0) for sub in m.modules())
-        conn = m.num_connections if isinstance(m, DenseBlock | MixerStack) else None
-        if isinstance(m, nn.Sequential) and isinstance(m[-1], MixerStack):
-            conn = m[-1].num_connections
-        result.rows.append(Row(rname, kind, shapes[m], count_params(m), row_macs, depth, conn))
+    for p in parts:
+        row_macs = sum(macs.get(sub, 0) for sub in p.module.modules())
+        result.rows.append(Row(p.name, p.kind, shapes[p.module], count_params(p.module),
+                               row_macs, p.depth, p.connections))
     result.total_params = count_params(model)
     result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result.total_macs = sum(macs.values())
@@ -246,59 +291,30 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
 
 
 def model_stats(name: str, **overrides) -> dict:
-    """Parameters and MACs of a zoo model at its native input size, computed on the meta
-    device (shapes only, no memory, no arithmetic)."""
-    if name.strip().lower() in RDNET:
-        if not overrides:
-            return json.loads(_rdnet_stats(name.strip().lower()))
-        return _rdnet_stats_now(name, overrides)
+    """Parameters and MACs of a zoo model at its native input size (its ``pretrained_cfg``'s),
+    computed on the meta device (shapes only, no memory, no arithmetic)."""
     if not overrides:  # the zoo's fixed entries: computed once per process
-        return json.loads(_densenet_stats(name))
-    return _densenet_stats_now(name, overrides)
+        return json.loads(_cached_stats(name.strip().lower()))
+    return _stats(name, overrides)
 
 
 @functools.cache
-def _densenet_stats(name: str) -> str:
-    """As :func:`_rdnet_stats`: `models` lists every zoo entry, `paper` most of them again."""
-    return json.dumps(_densenet_stats_now(name, {}))
+def _cached_stats(name: str) -> str:
+    """As JSON, so no caller can change the cached copy: `models` lists every zoo entry and
+    `paper` most of them again, and on the meta device an RDNet's hundreds of LayerNorms still
+    cost seconds."""
+    return json.dumps(_stats(name, {}))
 
 
-def _densenet_stats_now(name: str, overrides: dict) -> dict:
-    from ..factory import create_model
-    from ..models.zoo import native_input_size
-
-    with torch.device("meta"):
-        model = create_model(name, **overrides)
-    size = (1, model.config.in_channels, *native_input_size(name)[1:])
-    s = summary(model, size, name=name)
-    return {"name": name, "input_size": list(size[1:]), "params": s.total_params,
-            "macs": s.total_macs, "growth_rate": model.config.growth_rate,
-            "block_config": list(model.config.block_config),
-            "bottleneck": model.config.bottleneck, "compression": model.config.compression,
-            "stem": model.config.stem, "num_classes": model.config.num_classes}
-
-
-def _rdnet_stats_now(name: str, overrides: dict) -> dict:
-    """model_stats for an RDNet: one growth rate per mixing block, at 224 px."""
+def _stats(name: str, overrides: dict) -> dict:
     from ..factory import create_model
 
     with torch.device("meta"):
         model = create_model(name, **overrides)
-    c = model.config
-    size = (1, c.in_channels, 224, 224)
+    size = (1, *model.pretrained_cfg["input_size"])
     s = summary(model, size, name=name)
     return {"name": name, "input_size": list(size[1:]), "params": s.total_params,
-            "macs": s.total_macs, "growth_rate": list(c.growth_rates),
-            "block_config": [c.mixers_per_block] * len(c.growth_rates), "bottleneck": True,
-            "compression": c.compression, "stem": "patchify", "num_classes": c.num_classes}
-
-
-@functools.cache
-def _rdnet_stats(name: str) -> str:
-    """A published RDNet size's stats, computed once per process (as JSON, so no caller can
-    change the cached copy): on the meta device its hundreds of LayerNorms still cost
-    seconds, and `models` and `paper` both list all four sizes."""
-    return json.dumps(_rdnet_stats_now(name, {}))
+            "macs": s.total_macs, **_view(model, "model_stats").terms(model.config)}
 
 
 def rdnet_table() -> dict:

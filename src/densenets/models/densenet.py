@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .contract import TimmContract, is_eager
+from .contract import MATCH_PREV_GROUP, TimmContract, check_config, is_eager
 from .layers import GLOBAL_POOLS, DenseLayer, Transition, compressed_channels, deep_stem, stem_pool
-from .zoo import pretrained_cfg
+from .layers import global_pool as make_global_pool
+from .zoo import final_map_side, pretrained_cfg
 
 STEMS = ("imagenet", "cifar")
 
@@ -49,47 +50,24 @@ class DenseNetConfig:
 
 def validate_config(c: DenseNetConfig) -> None:
     """Raise ValueError naming the bad field and what would be valid."""
-    def _int(name: str, v: object) -> None:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must be an integer, got {v!r}")
-
-    _int("growth_rate", c.growth_rate)
-    if c.growth_rate < 1:
+    if isinstance(c.growth_rate, int) and not isinstance(c.growth_rate, bool) \
+            and c.growth_rate < 1:
         raise ValueError(f"growth_rate must be >= 1 (the paper uses 12-48), got {c.growth_rate}")
     if not c.block_config:
         raise ValueError("block_config must list at least one dense block, e.g. (6, 12, 24, 16)")
     for n in c.block_config:
-        _int("block_config entries", n)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"block_config entries must be an integer, got {n!r}")
         if n < 1:
-            raise ValueError(
-                f"every dense block needs at least one layer; got block_config={c.block_config}"
-            )
-    if not 0.0 < float(c.compression) <= 1.0:
-        raise ValueError(
-            f"compression (theta) must be in (0, 1], got {c.compression}; "
-            "the paper uses 0.5 (-C) or 1"
-        )
-    for name in ("num_init_features", "bn_size", "num_classes", "in_channels"):
-        _int(name, getattr(c, name))
-        if name == "num_classes" and c.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 removes the classifier), got "
-                             f"{c.num_classes}")
-        if name != "num_classes" and getattr(c, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("drop_rate", "head_drop_rate"):
-        if not 0.0 <= float(getattr(c, name)) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+            raise ValueError(f"every dense block needs at least one layer; got "
+                             f"block_config={c.block_config}")
+    check_config(c, counts=("growth_rate", "num_init_features", "bn_size", "in_channels"),
+                 rates=("drop_rate", "head_drop_rate"), pools=GLOBAL_POOLS)
     if c.stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}, got {c.stem!r}")
     if (c.deep_stem or c.blur_pool) and c.stem != "imagenet":
         raise ValueError("deep_stem and blur_pool change the ImageNet stem; the cifar stem is one "
                          "3x3 convolution without pooling: use stem='imagenet' with them")
-    if c.global_pool not in GLOBAL_POOLS:
-        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('' = no pooling), got "
-                         f"{c.global_pool!r}")
-    if c.global_pool == "" and c.num_classes:
-        raise ValueError("global_pool='' (no pooling) needs num_classes=0: a linear classifier "
-                         "cannot take an unpooled map")
 
 
 class DenseBlock(nn.ModuleDict):
@@ -202,9 +180,13 @@ class DenseNet(TimmContract, nn.Module):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        cfg = DenseNetConfig(growth_rate, tuple(block_config), num_init_features, bottleneck,
-                             bn_size, compression, drop_rate, num_classes, in_channels, stem,
-                             memory_efficient, deep_stem, blur_pool, head_drop_rate, global_pool)
+        cfg = DenseNetConfig(
+            growth_rate=growth_rate, block_config=tuple(block_config),
+            num_init_features=num_init_features, bottleneck=bottleneck, bn_size=bn_size,
+            compression=compression, drop_rate=drop_rate, num_classes=num_classes,
+            in_channels=in_channels, stem=stem, memory_efficient=memory_efficient,
+            deep_stem=deep_stem, blur_pool=blur_pool, head_drop_rate=head_drop_rate,
+            global_pool=global_pool)
         self.config = cfg
         self.features = nn.Sequential()
         self._add_stem(cfg)
@@ -282,9 +264,70 @@ class DenseNet(TimmContract, nn.Module):
     def min_input_size(self) -> int:
         """The smallest square input whose last dense block still sees a 1x1 map."""
         size = 1
-        while _final_size(size, self.config.stem, len(self.config.block_config)) < 1:
+        while final_map_side(size, self.config.stem, len(self.config.block_config)) < 1:
             size += 1
         return size
+
+    # ------------------------------------------------------------ what the contract asks
+
+    def _trunk(self) -> list[tuple[str, nn.Module]]:
+        return [(f"features.{n}", m) for n, m in self.features.named_children()]
+
+    def features_only_info(self) -> list[dict]:
+        """The backbone taps: the stem map after its max pool (reduction 4 for ImageNet stems),
+        as this library has always given it, where ``feature_info`` taps it before the pool
+        (reduction 2), as timm does."""
+        info = [dict(f) for f in self.feature_info]
+        if self.config.stem == "imagenet":
+            info[0].update(module="features.pool0", reduction=4)
+        return info
+
+    def _build_head(self, num_classes: int, pool_type: str) -> None:
+        pool = make_global_pool(pool_type)
+        ref = next(iter(self.features.parameters()), None)
+        kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        hidden = self.num_features * (2 if pool_type == "catavgmax" else 1)
+        if num_classes:
+            classifier: nn.Module = nn.Linear(hidden, num_classes, **kw)
+            nn.init.zeros_(classifier.bias)
+        else:
+            classifier = nn.Identity()
+        self.global_pool, self.classifier = pool, classifier
+        self.head_hidden_size = hidden
+        # forward_head flattens only what was pooled (TorchScript reads this as a bool)
+        self.pooled = pool_type != ""
+        pool.train(self.training)
+        classifier.train(self.training)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (an ``nn.Identity`` once removed)."""
+        return self.classifier
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for activation memory in training: here the memory-efficient dense
+        blocks (``set_memory_efficient``), which recompute each block's BN-ReLU in backward
+        and keep memory linear in depth, with the plain model's outputs and gradients."""
+        self.set_memory_efficient(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(self.config.memory_efficient)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay, in timm's format.
+
+        The stem is one group; then each dense block (``coarse``) or each dense layer, with
+        each transition joining the layer before it. The final norm and the classifier match
+        nothing and so form the last group.
+        """
+        stem = r"^features\.conv[012]|features\.norm[012]|features\.pool[012]"
+        if coarse:
+            return {"stem": stem, "blocks": r"^features\.(?:denseblock|transition)(\d+)"}
+        return {"stem": stem, "blocks": [(r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
+                                         (r"^features\.transition(\d+)", MATCH_PREV_GROUP)]}
 
     def set_memory_efficient(self, enabled: bool = True) -> DenseNet:
         """Switch every dense block between the plain and the memory-efficient forward."""
@@ -293,40 +336,6 @@ class DenseNet(TimmContract, nn.Module):
             if isinstance(m, DenseBlock):
                 m.memory_efficient = enabled
         return self
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError for an input this network cannot take, saying what would work."""
-        if x.dim() == 3:
-            raise ValueError(f"expected a batch (N, C, H, W) but got one image of shape "
-                             f"{tuple(x.shape)}; add the batch dimension: x.unsqueeze(0)")
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
-        weight = next(self.parameters(), None)
-        held = torch.float32 if weight is None else weight.dtype
-        # Under autocast the convolutions cast any floating input themselves.
-        if x.dtype != held and not (x.is_floating_point()
-                                    and torch.is_autocast_enabled(x.device.type)):
-            kind = str(held).removeprefix("torch.")
-            fix = (f"x.to(torch.{kind}) / 255 for 0-255 pixels, then normalise as in training"
-                   if not x.is_floating_point() else
-                   f"x.to(torch.{kind}), or convert the model with model.to({x.dtype})")
-            raise ValueError(f"the input is {str(x.dtype).removeprefix('torch.')} but this "
-                             f"DenseNet holds {kind} weights; convert it: {fix}")
-        c = self.config.in_channels
-        if x.shape[1] != c:
-            raise ValueError(
-                f"this DenseNet takes {c}-channel images but the input has {x.shape[1]} channels "
-                f"(shape {tuple(x.shape)}); build the model with in_channels={x.shape[1]} or "
-                f"convert the images to {c} channels"
-            )
-        h, w = int(x.shape[2]), int(x.shape[3])
-        n = len(self.config.block_config)
-        if min(_final_size(h, self.config.stem, n), _final_size(w, self.config.stem, n)) < 1:
-            m = self.min_input_size
-            raise ValueError(
-                f"input {h}x{w} is too small for this DenseNet ({self.config.stem} stem, {n} "
-                f"blocks): the minimum is {m}x{m}"
-            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map after BN-ReLU: (N, num_features, H', W')."""
@@ -351,13 +360,3 @@ class DenseNet(TimmContract, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _final_size(size: int, stem: str, num_blocks: int) -> int:
-    """Spatial size seen by the last dense block for an input of ``size`` pixels."""
-    if stem == "imagenet":
-        size = (size + 2 * 3 - 7) // 2 + 1 if size >= 1 else 0
-        size = (size + 2 * 1 - 3) // 2 + 1 if size >= 1 else 0
-    for _ in range(num_blocks - 1):
-        size //= 2
-    return size

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .rdnet_layers import FeatureMixer, LayerNorm2d, MixerStack, RDNetHead, take_indices
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from .backbone import FeatureExtractor
+from .contract import TimmContract, check_config, is_eager
+from .rdnet_layers import FeatureMixer, LayerNorm2d, MixerStack, RDNetHead
 
 
 def _sizes(n: int, init: int, growth: Sequence[int], downsample_at: Sequence[int]) -> dict:
@@ -49,10 +49,16 @@ RDNET: dict[str, dict[str, Any]] = {
 }
 
 
-def rdnet_pretrained_cfg(name: str, num_classes: int = 1000, in_channels: int = 3) -> dict:
-    """timm's pretrained_cfg fields for an RDNet size (the published ImageNet-1k weights)."""
-    return {"architecture": name, "tag": "nv_in1k", "hf_hub_id": f"naver-ai/{name}.nv_in1k",
-            "num_classes": num_classes, "input_size": (in_channels, 224, 224),
+def rdnet_pretrained_cfg(name: str | None, config: dict[str, Any],
+                         preprocessing: dict[str, Any] | None = None) -> dict:
+    """timm's pretrained_cfg for an RDNet built with ``config``: a published size's names its
+    ImageNet-1k weights. Every size is evaluated as the authors publish it (224 px, crop 0.9,
+    bicubic), whatever ``preprocessing`` loaded weights state."""
+    published = name in RDNET
+    return {"architecture": name, "tag": "nv_in1k" if published else "untrained",
+            "hf_hub_id": f"naver-ai/{name}.nv_in1k" if published else None,
+            "num_classes": int(config.get("num_classes", 1000)),
+            "input_size": (int(config.get("in_channels", 3)), 224, 224),
             "pool_size": (7, 7), "crop_pct": 0.9, "interpolation": "bicubic",
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "stem.0",
             "classifier": "head.fc", "license": "apache-2.0",
@@ -101,23 +107,11 @@ class RDNetConfig:
             raise ValueError(f"growth_rates, downsample and effective_se need one entry per "
                              f"mixing block; got {n}, {len(self.downsample)} and "
                              f"{len(self.effective_se)}")
-        for field_name in ("num_init_features", "mixers_per_block", "patch_size", "in_channels"):
-            if int(getattr(self, field_name)) < 1:
-                raise ValueError(f"{field_name} must be >= 1, got {getattr(self, field_name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: no classifier), got "
-                             f"{self.num_classes}")
+        check_config(self, counts=("num_init_features", "mixers_per_block", "patch_size",
+                                   "in_channels"),
+                     rates=("drop_rate", "proj_drop_rate", "drop_path_rate"), pools=("avg", ""))
         if min(self.growth_rates) < 1:
             raise ValueError(f"every growth rate must be >= 1, got {self.growth_rates}")
-        if not 0.0 < self.compression <= 1.0:
-            raise ValueError(f"compression must be in (0, 1], got {self.compression}")
-        for field_name in ("drop_rate", "proj_drop_rate", "drop_path_rate"):
-            if not 0.0 <= float(getattr(self, field_name)) < 1.0:
-                raise ValueError(f"{field_name} must be in [0, 1), got "
-                                 f"{getattr(self, field_name)}")
-        if self.global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got "
-                             f"{self.global_pool!r}")
 
     # DenseNet's terms, for tools that describe either family (diagrams, listings).
     @property
@@ -137,7 +131,7 @@ class RDNetConfig:
         return d
 
 
-class RDNet(nn.Module):
+class RDNet(TimmContract, nn.Module):
     """Revitalized DenseNet (Kim, Heo and Han, ECCV 2024); see the module docstring.
 
     Args:
@@ -157,10 +151,14 @@ class RDNet(nn.Module):
         num_classes: classifier outputs (0: none; forward returns pooled features).
         in_channels: channels of the input image.
         global_pool: "avg" or "" (no pooling: the head normalises the unpooled map).
+
+    timm's model contract comes from :class:`densenets.models.contract.TimmContract`, as for
+    the DenseNets; the taps are the ends of the paper's stages.
     """
 
     # Python-side conveniences that TorchScript need not compile.
     __jit_unused_properties__ = ["default_cfg", "num_classes", "min_input_size"]
+    tap_help = "i = the end of stage i + 1"
 
     def __init__(
         self,
@@ -181,10 +179,13 @@ class RDNet(nn.Module):
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
-        cfg = RDNetConfig(tuple(growth_rates), tuple(downsample), tuple(effective_se),
-                          num_init_features, mixers_per_block, bottleneck_width_ratio,
-                          compression, patch_size, ls_init_value, drop_rate, proj_drop_rate,
-                          drop_path_rate, num_classes, in_channels, global_pool)
+        cfg = RDNetConfig(
+            growth_rates=tuple(growth_rates), downsample=tuple(downsample),
+            effective_se=tuple(effective_se), num_init_features=num_init_features,
+            mixers_per_block=mixers_per_block, bottleneck_width_ratio=bottleneck_width_ratio,
+            compression=compression, patch_size=patch_size, ls_init_value=ls_init_value,
+            drop_rate=drop_rate, proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
+            num_classes=num_classes, in_channels=in_channels, global_pool=global_pool)
         self.config = cfg
         self.grad_checkpointing = False
         self.stem = nn.Sequential(
@@ -217,19 +218,11 @@ class RDNet(nn.Module):
                 self.feature_info.append({"num_chs": channels, "reduction": reduction,
                                           "module": f"dense_stages.{i}", "growth_rate": growth})
         self.dense_stages = nn.Sequential(*blocks)
-        self.stage_ends = [int(f["module"].rsplit(".", 1)[1]) for f in self.feature_info]
         self.num_features = self.head_hidden_size = channels
         self.head = RDNetHead(channels, cfg.num_classes, cfg.global_pool, cfg.drop_rate)
-        self.pretrained_cfg = {}
+        # what timm.data.resolve_data_config reads; create_model names the published size
+        self.pretrained_cfg = rdnet_pretrained_cfg(None, cfg.to_dict())
         self.reset_parameters()
-
-    @property
-    def default_cfg(self) -> dict:
-        return self.pretrained_cfg
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
 
     def reset_parameters(self) -> None:
         """He-normal convolutions (fan-in), zero classifier bias, as the authors initialise."""
@@ -244,22 +237,31 @@ class RDNet(nn.Module):
         """The smallest square input whose last mixing block still sees a 1x1 map."""
         return self.config.patch_size * 2 ** sum(self.config.downsample[1:])
 
-    @torch.jit.unused
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError for an input this network cannot take, saying what would work."""
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
-        c = self.config.in_channels
-        if x.shape[1] != c:
-            raise ValueError(f"this RDNet takes {c}-channel images but the input has "
-                             f"{x.shape[1]} channels; build it with in_channels={x.shape[1]} "
-                             f"or convert the images to {c} channels")
-        m = self.min_input_size
-        if min(x.shape[2], x.shape[3]) < m:
-            raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is too small for this RDNet: "
-                             f"the minimum is {m}x{m}")
+    # ------------------------------------------------------------ what the contract asks
 
-    # ------------------------------------------------------------ timm's model contract
+    def _trunk(self) -> list[tuple[str, nn.Module]]:
+        return [("stem", self.stem)] + [(f"dense_stages.{i}", s)
+                                        for i, s in enumerate(self.dense_stages)]
+
+    def _run_trunk(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """With gradient checkpointing, a mixing block recomputes its activations in backward."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() \
+                and module is not self.stem:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def _build_head(self, num_classes: int, pool: str) -> None:
+        if self.head.in_features != self.num_features:  # pruned: a norm for the new width
+            self.head = RDNetHead(self.num_features, num_classes, pool, self.config.drop_rate)
+        else:
+            self.head.reset(num_classes, pool)
+        self.head_hidden_size = self.num_features
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -271,42 +273,13 @@ class RDNet(nn.Module):
         """Recompute each mixing block's activations in backward instead of storing them."""
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh classifier with ``num_classes`` outputs (0: none); ``global_pool=''`` stops
-        pooling (the head then normalises the unpooled map)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier), got "
-                             f"{num_classes!r}")
-        self.head.reset(num_classes, global_pool)
-        self.config.num_classes = num_classes
-        if global_pool is not None:
-            self.config.global_pool = global_pool
-
-    def _eager_checks(self, x: torch.Tensor) -> None:
-        # Tracing (jit.trace, FX, torch.compile) must not branch on the input's values or
-        # shapes; eager users get the readable error.
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or isinstance(x, torch.fx.Proxy)):
-            self.check_input(x)
-
-    def _run_stage(self, i: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(stage, x, use_reentrant=False)
-        return stage(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last mixing block's map: (N, num_features, H/32, W/32) for the published sizes."""
-        if not torch.jit.is_scripting():
-            self._eager_checks(x)
-            x = self.stem(x)
-            for i, stage in enumerate(self.dense_stages):
-                x = self._run_stage(i, stage, x)
+        if not torch.jit.is_scripting():  # a condition of its own: scripting drops the branch
+            if is_eager(x):
+                self.check_input(x)
+            for _, module in self._trunk():
+                x = self._run_trunk(module, x)
             return x
         return self.dense_stages(self.stem(x))
 
@@ -317,92 +290,18 @@ class RDNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    @torch.jit.ignore
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """The maps at the ``feature_info`` taps (the end of each of the paper's stages).
 
-        ``indices``: None for all, an int n for the last n, or a list (negative from the end).
-        Returns ``(final map, [maps])``, or only the list with ``intermediates_only``. ``norm``
-        is accepted for the contract; RDNet has no norm between the last block and the head.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW' for RDNet, got {output_fmt!r}")
-        taps, last = take_indices(len(self.stage_ends), indices)
-        wanted = {self.stage_ends[t] for t in taps}
-        end = self.stage_ends[last] if stop_early else len(self.dense_stages) - 1
-        self._eager_checks(x)
-        x = self.stem(x)
-        out = []
-        for i, stage in enumerate(self.dense_stages):
-            if i > end:
-                break
-            x = self._run_stage(i, stage, x)
-            if i in wanted:
-                out.append(x)
-        return out if intermediates_only else (x, out)
-
-    @torch.jit.ignore
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1,
-                                  prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the mixing blocks after the last wanted tap (and the classifier); return taps."""
-        taps, last = take_indices(len(self.stage_ends), indices)
-        end = self.stage_ends[last]
-        if end < len(self.dense_stages) - 1:
-            self.dense_stages = self.dense_stages[:end + 1]
-            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
-            self.head = RDNetHead(self.num_features, 0, "", 0.0)
-            self.config.num_classes, self.config.global_pool = 0, ""
-        elif prune_head:
-            self.reset_classifier(0, "")
-        return taps
-
-
-class RDNetFeatures(nn.Module):
-    """An RDNet as a backbone: the maps at its ``feature_info`` taps (timm's features_only).
-
-    Keeps the model's ``stem.*`` / ``dense_stages.*`` keys, so RDNet weights load into it.
-    ``out_indices`` picks taps (an int n: the last n; negative indices count from the end).
-    """
-
-    def __init__(self, model: RDNet, out_indices: int | Sequence[int] | None = None) -> None:
-        super().__init__()
-        from .backbone import FeatureInfo
-
-        n = len(model.stage_ends)
-        try:
-            taps, last = take_indices(n, out_indices)
-        except ValueError as e:
-            raise ValueError(f"out_indices: {e}") from None
-        self.out_indices = tuple(taps)
-        self.feature_info = FeatureInfo(dict(model.feature_info[t]) for t in taps)
-        self.config = model.config
-        self.pretrained_cfg = model.pretrained_cfg
-        self.weights_meta = getattr(model, "weights_meta", None)
-        self.stem = model.stem
-        self.dense_stages = model.dense_stages[:model.stage_ends[last] + 1]
-        self._taps = [model.stage_ends[t] for t in taps]
-
-    # The input checks read only ``config``, so the RDNet's own serve here too.
-    check_input = RDNet.check_input
-    min_input_size = RDNet.min_input_size
-
-    __jit_unused_properties__ = ["default_cfg", "min_input_size"]
-
-    @property
-    def default_cfg(self) -> dict:
-        return self.pretrained_cfg
-
-    _eager_checks = RDNet._eager_checks
+class RDNetFeatures(FeatureExtractor):
+    """An RDNet as a backbone: the generic wrapper, whose forward also compiles with
+    TorchScript (a scripted module cannot run the Python ``forward_intermediates``)."""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not torch.jit.is_scripting():  # a condition of its own: scripting drops the branch
-            self._eager_checks(x)
-        x = self.stem(x)
-        out = []
-        for i, stage in enumerate(self.dense_stages):
-            x = stage(x)
-            if i in self._taps:
-                out.append(x)
-        return out
+        if torch.jit.is_scripting():  # the same maps: trunk position i + 1 is mixing block i
+            x = self.stem(x)
+            out = []
+            for i, stage in enumerate(self.dense_stages):
+                x = stage(x)
+                if i + 1 in self._taps:
+                    out.append(x)
+            return out
+        return self._maps(x)

@@ -4,7 +4,6 @@ the mixing block's concatenating stack of mixers, and the head (pool, LayerNorm,
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +125,7 @@ class RDNetHead(nn.Module):
         self.norm = LayerNorm2d(in_features)
         self.drop = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Identity()
-        self.reset(num_classes)
+        self.reset(num_classes, pool)
 
     def _set_pool(self, pool: str) -> None:
         if pool not in ("avg", ""):
@@ -134,14 +133,10 @@ class RDNetHead(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1) if pool else nn.Identity()
         self.flatten = nn.Flatten(1) if pool else nn.Identity()
 
-    def reset(self, num_classes: int, pool: str | None = None) -> None:
-        """A fresh classifier (zero bias) with ``num_classes`` outputs; 0 means none."""
-        if num_classes and (pool == "" or (pool is None and isinstance(self.global_pool,
-                                                                       nn.Identity))):
-            raise ValueError("global_pool='' (no pooling) leaves a feature map that a linear "
-                             "classifier cannot take: pass num_classes=0 with it")
-        if pool is not None:
-            self._set_pool(pool)
+    def reset(self, num_classes: int, pool: str) -> None:
+        """A fresh classifier (zero bias) with ``num_classes`` outputs (0: none) after ``pool``
+        (the contract's ``reset_classifier`` has checked that the two fit together)."""
+        self._set_pool(pool)
         ref = self.norm.weight
         if num_classes > 0:
             self.fc = nn.Linear(self.in_features, num_classes, device=ref.device, dtype=ref.dtype)
@@ -152,24 +147,3 @@ class RDNetHead(nn.Module):
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(self.flatten(self.norm(self.global_pool(x))))
         return x if pre_logits else self.fc(x)
-
-
-def take_indices(n: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
-    """timm's tap selection: None = all n, an int m = the last m, a list (negative from the
-    end). Returns the sorted absolute indices and the largest."""
-    if indices is None:
-        indices = n
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"last-n count {indices} must be in 1..{n}")
-        picked = list(range(n - indices, n))
-    else:
-        picked = []
-        for i in indices:
-            if not -n <= i < n:
-                raise ValueError(f"index {i} must pick from 0..{n - 1} (negative: from the end)")
-            picked.append(i % n)
-        if not picked:
-            raise ValueError(f"pick at least one index from 0..{n - 1}")
-        picked = sorted(set(picked))
-    return picked, max(picked)

@@ -17,6 +17,8 @@ import difflib
 import re
 from typing import Any
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGENET: dict[str, dict[str, Any]] = {
     "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
     "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
@@ -49,6 +51,12 @@ _CIFAR_RE = re.compile(r"^(densenet(?:-bc|-b|-c)?)-(\d+)-k(\d+)$")
 def list_models() -> list[str]:
     """Every named model of the zoo (CIFAR patterns accept any other valid depth too)."""
     return list(IMAGENET) + TABLE2 + WIDE_SHALLOW
+
+
+def is_zoo_name(name: str) -> bool:
+    """Whether ``name`` is a DenseNet of the zoo: an ImageNet name or a CIFAR/SVHN pattern."""
+    key = name.strip().lower()
+    return key in IMAGENET or _CIFAR_RE.match(key) is not None
 
 
 def native_input_size(name: str) -> tuple[int, int, int]:
@@ -112,7 +120,6 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- timm's pretrained_cfg
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The CIFAR-10 training split's statistics (pixels in [0, 1]), the cifar10 recipe's normalisation.
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -128,11 +135,14 @@ _NAMED_CFGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _map_side(side: int, stem: str, num_blocks: int) -> int:
-    """The last dense block's map side for a ``side``-pixel input (both stems' arithmetic)."""
-    if stem == "imagenet":  # a stride-2 stem convolution, then a stride-2 pool (3x3 or 7x7)
-        side = (side - 1) // 2 + 1
-        side = (side - 1) // 2 + 1
+def final_map_side(side: int, stem: str, num_blocks: int) -> int:
+    """The last dense block's map side for a ``side``-pixel input (0: the input is too small).
+
+    ImageNet stems (7x7 or deep 3x3) halve twice, in a stride-2 convolution and a stride-2
+    pool, each rounding up; every transition then halves, rounding down."""
+    if stem == "imagenet":
+        for _ in range(2):
+            side = (side - 1) // 2 + 1 if side >= 1 else 0
     return side >> (num_blocks - 1)
 
 
@@ -154,7 +164,7 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
                                                                           CIFAR10_STD)
     if c != 3:
         mean, std = (0.5,) * c, (0.5,) * c
-    pool = _map_side(side, stem, len(config.get("block_config") or (6, 12, 24, 16)))
+    pool = final_map_side(side, stem, len(config.get("block_config") or (6, 12, 24, 16)))
     cfg: dict[str, Any] = {
         "architecture": name, "tag": "untrained", "url": "", "hf_hub_id": None,
         "num_classes": int(config.get("num_classes", 1000)), "input_size": (c, side, side),
@@ -165,7 +175,7 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
     cfg.update(_NAMED_CFGS.get((name or "").lower(), {}))
     if preprocessing:
         crop = int(preprocessing.get("crop", side))
-        pool = _map_side(crop, stem, len(config.get("block_config") or (6, 12, 24, 16)))
+        pool = final_map_side(crop, stem, len(config.get("block_config") or (6, 12, 24, 16)))
         cfg.update(input_size=(c, crop, crop), pool_size=(pool, pool),
                    crop_pct=round(crop / int(preprocessing.get("resize", crop)), 4))
         for key in ("mean", "std"):

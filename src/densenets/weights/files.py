@@ -14,33 +14,26 @@ import pickle
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..models.densenet import DenseNet
-from ..models.rdnet import RDNET, RDNet
-from ..models.zoo import model_config
+from ..models.registry import FAMILIES, family_for, family_of, model_kinds
 from .hub import hub_meta, hub_weights_file, is_hub_id, timm_config, write_config
-from .keymap import (
-    adapt_input_conv,
-    describe_config,
-    format_diff,
-    infer_config,
-    key_diff,
-    remap_state_dict,
-)
-from .pretrained import (
-    PRETRAINED,
-    complete_meta,
-    download_weights,
-    pretrained_entry,
-)
-from .rdnet_keys import build_rdnet, is_rdnet_checkpoint, load_rdnet, rdnet_state_dict
+from .keymap import DENSENET_LAYOUT
+from .layout import Checkpoint, Layout
+from .pretrained import PRETRAINED, complete_meta, download_weights, pretrained_entry
+from .rdnet_keys import RDNET_LAYOUT
 
 CHECKPOINT_FORMAT = "densenets.checkpoint"
+IMAGENET_ALIASES = ("imagenet", "imagenet1k", "default")
+
+# One checkpoint layout per registered family, by the family's name; recognised in this order
+# (most particular first), the last one reading, or explaining, whatever the others do not.
+LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, DENSENET_LAYOUT)}
+assert set(LAYOUTS) == set(FAMILIES), "every model family registers its checkpoint layout"
 
 
 class KeyMismatchError(ValueError):
@@ -48,17 +41,6 @@ class KeyMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------- reading files
-
-@dataclass
-class Checkpoint:
-    """What a weights file holds once read: canonical state dict plus what it says about itself."""
-
-    state_dict: dict[str, torch.Tensor]
-    config: dict[str, Any] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    model_name: str | None = None
-    path: str | None = None
-
 
 def _resolve_path(path: str | os.PathLike) -> Path:
     """A file, or a training run directory (its best.pt, else last.pt)."""
@@ -102,9 +84,11 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise ValueError(f"{p} is not a readable safetensors file ({e})") from None
 
 
-def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Canonical keys: timm's layout for RDNet weights, torchvision's for DenseNets."""
-    return rdnet_state_dict(obj) if is_rdnet_checkpoint(obj) else remap_state_dict(obj)
+def _state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Canonical keys in the layout of the family whose weights ``obj`` holds, and its name."""
+    layouts = list(LAYOUTS.values())
+    layout = next((lay for lay in layouts if lay.holds(obj)), layouts[-1])
+    return layout.canonical(obj), layout.family
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -120,53 +104,37 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = json.loads(md["densenets.model_config"]) if "densenets.model_config" in md \
             else None
         meta = json.loads(md.get("densenets.meta", "{}"))
-        return Checkpoint(_state_dict(sd), config, meta, md.get("densenets.model_name"),
-                          str(p))
+        sd, family = _state_dict(sd)
+        return Checkpoint(sd, config, meta, md.get("densenets.model_name"), str(p), family)
     obj = _torch_load(p)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         if int(obj.get("version", 1)) > 1:
             raise ValueError(f"{p} is checkpoint format version {obj['version']}; this "
                              "densenets reads version 1: upgrade densenets")
-        return Checkpoint(_state_dict(obj["model"]), obj.get("model_config"),
-                          dict(obj.get("meta") or {}), obj.get("model_name"), str(p))
-    return Checkpoint(_state_dict(obj), path=str(p))
+        sd, family = _state_dict(obj["model"])
+        return Checkpoint(sd, obj.get("model_config"), dict(obj.get("meta") or {}),
+                          obj.get("model_name"), str(p), family)
+    sd, family = _state_dict(obj)
+    return Checkpoint(sd, path=str(p), family=family)
 
 
 # ---------------------------------------------------------------- loading into a model
 
-def load_into(model: DenseNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
+def _layout_of(model: nn.Module, verb: str) -> Layout:
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{verb} takes a densenets {model_kinds()}, got {type(model).__name__}")
+    return LAYOUTS[family.name]
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Copy a canonical state dict into ``model``; return notes on what was adapted.
 
     A classifier of another size is left freshly initialised (fine-tuning), a 3-channel stem
     is adapted to the model's input channels; every other difference raises
     :class:`KeyMismatchError` before anything is copied.
     """
-    if isinstance(model, RDNet):
-        return load_rdnet(model, state_dict, KeyMismatchError)
-    own = model.state_dict()
-    sd = dict(state_dict)
-    notes: list[str] = []
-    w = "features.conv0.weight"
-    if w in sd and w in own and sd[w].shape != own[w].shape \
-            and sd[w].shape[0] == own[w].shape[0] and sd[w].shape[2:] == own[w].shape[2:]:
-        notes.append(f"adapted features.conv0 from {sd[w].shape[1]} to {own[w].shape[1]} input "
-                     "channels (summed over RGB for 1, repeated and rescaled otherwise)")
-        sd[w] = adapt_input_conv(sd[w], own[w].shape[1])
-    cw = "classifier.weight"
-    if cw in sd and cw in own and sd[cw].shape != own[cw].shape \
-            and sd[cw].shape[1:] == own[cw].shape[1:]:
-        notes.append(f"classifier not loaded: the checkpoint has {sd[cw].shape[0]} classes and "
-                     f"the model {own[cw].shape[0]}, so it keeps its fresh initialisation for "
-                     "fine-tuning; everything else was loaded")
-        sd[cw], sd["classifier.bias"] = own[cw], own["classifier.bias"]
-    missing, unexpected, conflicts = key_diff(own, sd)
-    if missing or unexpected or conflicts:
-        raise KeyMismatchError(format_diff(model.config.to_dict(), sd, missing, unexpected,
-                                           conflicts))
-    for k in own:
-        sd.setdefault(k, own[k])  # num_batches_tracked, absent from old checkpoints
-    model.load_state_dict(sd, strict=True)
-    return notes
+    return _layout_of(model, "load_into()").load(model, state_dict, KeyMismatchError)
 
 
 def _warn(notes: list[str]) -> None:
@@ -179,30 +147,18 @@ def _warn(notes: list[str]) -> None:
         warnings.warn(note, UserWarning, stacklevel=level)
 
 
-def _build(config: dict[str, Any], ckpt: Checkpoint, overrides: dict[str, Any]) -> DenseNet:
-    """Build from ``config`` with the checkpoint's classes and channels unless overridden."""
-    cfg = dict(config)
-    sd = ckpt.state_dict
-    if "num_classes" not in overrides and "classifier.weight" in sd:
-        cfg["num_classes"] = int(sd["classifier.weight"].shape[0])
-    if "in_channels" not in overrides and "features.conv0.weight" in sd:
-        cfg["in_channels"] = int(sd["features.conv0.weight"].shape[1])
-    cfg.update(overrides)
-    model = DenseNet(**cfg)
-    _warn(load_into(model, sd))
-    model.weights_meta = complete_meta(model.config.to_dict(), ckpt.meta)
+def _built(name: str | None, ckpt: Checkpoint, overrides: dict[str, Any]) -> nn.Module:
+    """The model for ``ckpt`` (the zoo entry ``name``, or the checkpoint's own architecture),
+    loaded, with the checkpoint's classes and input channels unless overridden, and the
+    ``weights_meta`` (class names, preprocessing, provenance) that travels with it."""
+    layout = LAYOUTS[ckpt.family]
+    model, notes = layout.build(name, ckpt, overrides, KeyMismatchError)
+    _warn(notes)
+    model.weights_meta = complete_meta(model.config.to_dict(),
+                                       {**layout.default_meta(model), **ckpt.meta})
     model.weights_meta.setdefault("source", ckpt.path)
-    model.weights_meta.setdefault("model_name", ckpt.model_name or describe_config(cfg))
+    model.weights_meta.setdefault("model_name", ckpt.model_name or layout.name_of(model))
     return model
-
-
-def _imagenet_meta_if_fits(ckpt: Checkpoint, config: dict[str, Any]) -> None:
-    """A bare 1000-class ImageNet-architecture state dict gets ImageNet's names and transform."""
-    name = describe_config(config)
-    if not ckpt.meta and name in PRETRAINED and config.get("num_classes", 1000) == 1000 \
-            and config.get("in_channels", 3) == 3:
-        ckpt.meta = {k: v for k, v in PRETRAINED[name].meta().items() if k != "source"}
-        ckpt.model_name = name
 
 
 def _hub_checkpoint(weights: str) -> Checkpoint:
@@ -214,90 +170,79 @@ def _hub_checkpoint(weights: str) -> Checkpoint:
     return ckpt
 
 
-def _holds_rdnet(ckpt: Checkpoint) -> bool:
-    return "stem.0.weight" in ckpt.state_dict or any(k.startswith("dense_stages.")
-                                                     for k in ckpt.state_dict)
+def published_weights(name: str) -> str | None:
+    """What ``weights="imagenet"`` loads for the zoo entry ``name``: ``"imagenet"`` for
+    torchvision's checkpoints, ``"hf-hub:..."`` for the Hub repository its ``pretrained_cfg``
+    names (densenetblur121d, the RDNets), None when nothing is published."""
+    key = name.strip().lower()
+    if key in PRETRAINED:
+        return "imagenet"
+    hub = family_for(key).pretrained_cfg(key, {}, None).get("hf_hub_id")
+    return f"hf-hub:{hub}" if hub else None
 
 
-def _build_rdnet(name: str | None, ckpt: Checkpoint, overrides: dict[str, Any]) -> RDNet:
-    """An RDNet of the named size (or the checkpoint's own) with the checkpoint's weights."""
-    model, notes = build_rdnet(name, ckpt.state_dict, None if name else ckpt.config, overrides,
-                               KeyMismatchError)
-    _warn(notes)
-    pc = model.pretrained_cfg
-    crop = int(pc["input_size"][-1])
-    data = {"preprocessing": {"resize": int(crop / pc["crop_pct"]), "crop": crop,
-                              "mean": list(pc["mean"]), "std": list(pc["std"]),
-                              "interpolation": pc["interpolation"]}}
-    model.weights_meta = complete_meta(model.config.to_dict(), {**data, **ckpt.meta})
-    model.weights_meta.setdefault("source", ckpt.path)
-    model.weights_meta.setdefault("model_name", ckpt.model_name or pc["architecture"])
-    return model
+def default_weights(name: str) -> str:
+    """What ``pretrained=True`` loads for ``name``, or a ValueError naming what exists."""
+    if published_weights(name) is None:
+        have = [n for n in PRETRAINED] + [n for f in FAMILIES.values() for n in f.names()
+                                          if n not in PRETRAINED and published_weights(n)]
+        raise ValueError(f"pretrained=True: there are no published weights for {name!r} (they "
+                         f"exist for {', '.join(have)}); pass weights=PATH")
+    return "imagenet"
 
 
-def pretrained_model(name: str, weights: str | os.PathLike, **overrides: Any
-                     ) -> DenseNet | RDNet:
+def _checkpoint_for(name: str, weights: str | os.PathLike) -> Checkpoint:
+    """Read ``weights`` ("imagenet", "hf-hub:org/name" or a path) for the zoo entry ``name``."""
+    if isinstance(weights, str) and weights.lower() in IMAGENET_ALIASES:
+        source = published_weights(name)
+        if source is None or source == "imagenet":  # torchvision's, or the readable error
+            entry = pretrained_entry(name)
+            ckpt = read_checkpoint(download_weights(entry.name))
+            ckpt.meta, ckpt.model_name = entry.meta(), entry.name
+            return ckpt
+        weights = source
+    if is_hub_id(weights):
+        return _hub_checkpoint(str(weights))
+    if isinstance(weights, (str, os.PathLike)):
+        return read_checkpoint(weights)
+    raise ValueError(f"weights must be 'imagenet', 'hf-hub:ORG/NAME' or a file path, got "
+                     f"{weights!r}")
+
+
+def pretrained_model(name: str, weights: str | os.PathLike, **overrides: Any) -> nn.Module:
     """``create_model(name, weights=...)``: the zoo architecture with loaded weights.
 
-    ``weights`` is ``"imagenet"`` (torchvision's published checkpoint for ``name``; for an RDNet
-    the authors' ImageNet-1k weights on the Hub), ``"hf-hub:org/name"`` (a Hugging Face Hub
-    repository, see :mod:`densenets.weights.hub`) or a path. ``num_classes`` and
-    ``in_channels`` default to the checkpoint's; overriding ``num_classes`` loads everything
-    but the classifier (fine-tuning) and says so.
+    ``weights`` is ``"imagenet"`` (the published checkpoint for ``name``: torchvision's, or the
+    Hub repository its ``pretrained_cfg`` names, such as the authors' RDNet weights),
+    ``"hf-hub:org/name"`` (a Hugging Face Hub repository, see :mod:`densenets.weights.hub`) or
+    a path. ``num_classes`` and ``in_channels`` default to the checkpoint's; overriding
+    ``num_classes`` loads everything but the classifier (fine-tuning) and says so.
     """
-    rdnet = name.strip().lower() if name.strip().lower() in RDNET else None
-    if rdnet and isinstance(weights, str) and weights.lower() in ("imagenet", "imagenet1k",
-                                                                  "default"):
-        weights = f"hf-hub:naver-ai/{rdnet}.nv_in1k"
-    if is_hub_id(weights):
-        ckpt = _hub_checkpoint(str(weights))
-    elif isinstance(weights, str) and weights.lower() in ("imagenet", "imagenet1k", "default"):
-        entry = pretrained_entry(name)
-        ckpt = read_checkpoint(download_weights(entry.name))
-        ckpt.meta, ckpt.model_name = entry.meta(), entry.name
-    elif isinstance(weights, (str, os.PathLike)):
-        ckpt = read_checkpoint(weights)
-        if not rdnet:
-            _imagenet_meta_if_fits(ckpt, {**model_config(name), **_shape_overrides(ckpt)})
-    else:
-        raise ValueError(f"weights must be 'imagenet', 'hf-hub:ORG/NAME' or a file path, got "
-                         f"{weights!r}")
-    if rdnet or _holds_rdnet(ckpt):
-        if not rdnet:
-            raise KeyMismatchError(f"the weights hold an RDNet, not a {name}: build an RDNet "
-                                   "(rdnet_tiny, ...) or use densenets.load(path)")
-        return _build_rdnet(rdnet, ckpt, overrides)
-    return _build(model_config(name), ckpt, overrides)
+    family = family_for(name)
+    ckpt = _checkpoint_for(name, weights)
+    if ckpt.family != family.name:
+        held = FAMILIES[ckpt.family]
+        raise KeyMismatchError(f"the weights hold {held.title} weights, not {family.title} "
+                               f"weights for {name}: build one of the {held.title} models "
+                               f"({', '.join(held.names()[:2])}, ...) or use "
+                               "densenets.load(path)")
+    return _built(name.strip().lower(), ckpt, overrides)
 
 
-def _shape_overrides(ckpt: Checkpoint) -> dict[str, int]:
-    sd, out = ckpt.state_dict, {}
-    if "classifier.weight" in sd:
-        out["num_classes"] = int(sd["classifier.weight"].shape[0])
-    if "features.conv0.weight" in sd:
-        out["in_channels"] = int(sd["features.conv0.weight"].shape[1])
-    return out
-
-
-def load(path: str | os.PathLike, **overrides: Any) -> DenseNet | RDNet:
-    """Rebuild a DenseNet or RDNet from a weights file alone and load its weights.
+def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Rebuild a model of any family from a weights file alone and load its weights.
 
     The architecture comes from the file's stored configuration (our checkpoints and
-    safetensors) or is read off the tensor shapes (any other DenseNet state dict). The model's
-    ``weights_meta`` holds class names, preprocessing and provenance. Overrides such as
-    ``num_classes=10`` (fine-tuning) or ``memory_efficient=True`` change the built model.
-    ``path`` may also be a folder written by :func:`save` or ``"hf-hub:org/name"``.
+    safetensors) or is read off the tensor shapes (any other DenseNet or RDNet state dict).
+    The model's ``weights_meta`` holds class names, preprocessing and provenance. Overrides
+    such as ``num_classes=10`` (fine-tuning) or ``memory_efficient=True`` change the built
+    model. ``path`` may also be a folder written by :func:`save` or ``"hf-hub:org/name"``.
     """
     ckpt = _hub_checkpoint(path) if is_hub_id(path) else read_checkpoint(path)
-    if _holds_rdnet(ckpt):
-        return _build_rdnet(None, ckpt, overrides)
-    config = ckpt.config or infer_config(ckpt.state_dict)
-    if ckpt.config is None:
-        _imagenet_meta_if_fits(ckpt, config)
-    return _build(config, ckpt, overrides)
+    return _built(None, ckpt, overrides)
 
 
-def _save_folder(model: DenseNet | RDNet, d: Path, meta: dict[str, Any] | None,
+def _save_folder(model: nn.Module, d: Path, meta: dict[str, Any] | None,
                  model_name: str | None) -> Path:
     """What the Hugging Face Hub and timm expect: model.safetensors + timm's config.json."""
     weights = save(model, d / "model.safetensors", meta, model_name)
@@ -319,12 +264,12 @@ def _save_folder(model: DenseNet | RDNet, d: Path, meta: dict[str, Any] | None,
                   mean=pre.get("mean"), std=pre.get("std"))
     arch = pc.get("architecture") or md["densenets.model_name"]
     write_config(d, timm_config(arch, model.num_classes, model.num_features,
-                                getattr(model.config, "global_pool", "avg"), pc,
+                                model.config.global_pool, pc,
                                 written.get("class_names")))
     return d
 
 
-def save(model: DenseNet | RDNet, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None,
          model_name: str | None = None) -> Path:
     """Save ``model``'s weights with its configuration and ``meta`` (class names, preprocessing).
 
@@ -334,9 +279,7 @@ def save(model: DenseNet | RDNet, path: str | os.PathLike, meta: dict[str, Any] 
     Face Hub expects: ``model.safetensors`` and timm's ``config.json`` (architecture, classes,
     ``pretrained_cfg``), ready to upload and readable by timm (``local-dir:``/``hf-hub:``).
     """
-    if not isinstance(model, (DenseNet, RDNet)):
-        raise ValueError(f"save() takes a densenets DenseNet or RDNet, got "
-                         f"{type(model).__name__}")
+    layout = _layout_of(model, "save()")
     p = Path(path).expanduser()
     if p.is_dir() or not p.suffix:
         return _save_folder(model, p, meta, model_name)
@@ -346,9 +289,7 @@ def save(model: DenseNet | RDNet, path: str | os.PathLike, meta: dict[str, Any] 
     config = model.config.to_dict()
     meta = complete_meta(config, meta if meta is not None else getattr(model, "weights_meta", None))
     meta.pop("source", None)
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    name = model_name or meta.pop("model_name", None) or (
-        (arch or "rdnet") if isinstance(model, RDNet) else describe_config(config))
+    name = model_name or meta.pop("model_name", None) or layout.name_of(model)
     meta.pop("model_name", None)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -364,5 +305,5 @@ def save(model: DenseNet | RDNet, path: str | os.PathLike, meta: dict[str, Any] 
     return p
 
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "KeyMismatchError", "load", "load_into",
-           "pretrained_model", "read_checkpoint", "save"]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "KeyMismatchError", "default_weights", "load",
+           "load_into", "pretrained_model", "published_weights", "read_checkpoint", "save"]

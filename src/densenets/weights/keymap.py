@@ -20,10 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..models.densenet import DenseNetConfig
+from ..models.densenet import DenseNet, DenseNetConfig
 from ..models.layers import compressed_channels
 from ..models.zoo import IMAGENET, VARIANTS, model_config
+from .layout import Checkpoint, Error, Layout
+from .pretrained import PRETRAINED
 
 _LEGACY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|"
@@ -234,3 +237,88 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
         return weight.sum(dim=1, keepdim=True)
     reps = -(-in_channels // c)
     return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)
+
+
+# ---------------------------------------------------------------- the DenseNet family's layout
+
+FIRST_CONV, CLASSIFIER = "features.conv0.weight", "classifier.weight"
+
+
+def holds_densenet(obj: Any) -> bool:
+    """Whether ``obj`` (a state dict or a checkpoint wrapping one) holds DenseNet weights."""
+    try:
+        remap_state_dict(obj)
+    except ValueError:
+        return False
+    return True
+
+
+def load_densenet(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                  error: Error = ValueError) -> list[str]:
+    """Copy a canonical state dict into ``model``; return notes on what was adapted.
+
+    A classifier of another size is left freshly initialised (fine-tuning), a 3-channel stem
+    is adapted to the model's input channels; every other difference raises ``error`` before
+    anything is copied.
+    """
+    own = model.state_dict()
+    sd = dict(state_dict)
+    notes: list[str] = []
+    w = FIRST_CONV
+    if w in sd and w in own and sd[w].shape != own[w].shape \
+            and sd[w].shape[0] == own[w].shape[0] and sd[w].shape[2:] == own[w].shape[2:]:
+        notes.append(f"adapted features.conv0 from {sd[w].shape[1]} to {own[w].shape[1]} input "
+                     "channels (summed over RGB for 1, repeated and rescaled otherwise)")
+        sd[w] = adapt_input_conv(sd[w], own[w].shape[1])
+    cw = CLASSIFIER
+    if cw in sd and cw in own and sd[cw].shape != own[cw].shape \
+            and sd[cw].shape[1:] == own[cw].shape[1:]:
+        notes.append(f"classifier not loaded: the checkpoint has {sd[cw].shape[0]} classes and "
+                     f"the model {own[cw].shape[0]}, so it keeps its fresh initialisation for "
+                     "fine-tuning; everything else was loaded")
+        sd[cw], sd["classifier.bias"] = own[cw], own["classifier.bias"]
+    missing, unexpected, conflicts = key_diff(own, sd)
+    if missing or unexpected or conflicts:
+        raise error(format_diff(model.config.to_dict(), sd, missing, unexpected, conflicts))
+    for k in own:
+        sd.setdefault(k, own[k])  # num_batches_tracked, absent from old checkpoints
+    model.load_state_dict(sd, strict=True)
+    return notes
+
+
+def _shape_config(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The classes and input channels the tensors show."""
+    out = {}
+    if CLASSIFIER in sd:
+        out["num_classes"] = int(sd[CLASSIFIER].shape[0])
+    if FIRST_CONV in sd:
+        out["in_channels"] = int(sd[FIRST_CONV].shape[1])
+    return out
+
+
+def _imagenet_meta_if_fits(ckpt: Checkpoint, config: dict[str, Any]) -> None:
+    """A checkpoint that says nothing about itself and holds a 1000-class, 3-channel
+    architecture of torchvision's gets ImageNet's names and transform."""
+    name = describe_config(config)
+    if not ckpt.meta and name in PRETRAINED and config.get("num_classes", 1000) == 1000 \
+            and config.get("in_channels", 3) == 3:
+        ckpt.meta = {k: v for k, v in PRETRAINED[name].meta().items() if k != "source"}
+        ckpt.model_name = name
+
+
+def build_densenet(name: str | None, ckpt: Checkpoint, overrides: Mapping[str, Any],
+                   error: Error = ValueError) -> tuple[DenseNet, list[str]]:
+    """The zoo DenseNet ``name`` (None: the stored or inferred architecture) with the
+    checkpoint's classes and input channels unless ``overrides`` says otherwise, loaded."""
+    sd = ckpt.state_dict
+    config = dict(model_config(name) if name else ckpt.config or infer_config(sd))
+    config.update(_shape_config(sd))
+    _imagenet_meta_if_fits(ckpt, config)
+    model = DenseNet(**{**config, **overrides})
+    return model, load_densenet(model, sd, error)
+
+
+DENSENET_LAYOUT = Layout(
+    family="densenet", holds=holds_densenet, canonical=remap_state_dict, build=build_densenet,
+    load=load_densenet, default_meta=lambda model: {},
+    name_of=lambda model: describe_config(model.config.to_dict()))

@@ -17,6 +17,7 @@ import torch
 
 from ..models.rdnet import RDNET, RDNet, rdnet_config, rdnet_pretrained_cfg
 from .keymap import adapt_input_conv, key_diff
+from .layout import Checkpoint, Layout
 
 _WRAPPERS = ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -128,6 +129,26 @@ def build_rdnet(name: str | None, sd: Mapping[str, torch.Tensor],
     if name is None:
         with contextlib.suppress(ValueError):  # a custom configuration has no published name
             name = infer_rdnet_name(sd)
-    model.pretrained_cfg = rdnet_pretrained_cfg(name or "rdnet", model.num_classes,
-                                                model.config.in_channels)
+    model.pretrained_cfg = rdnet_pretrained_cfg(name or "rdnet", model.config.to_dict())
     return model, load_rdnet(model, sd, error)
+
+
+def _published_preprocessing(model: RDNet) -> dict[str, Any]:
+    """The transform the published sizes are evaluated with, from the model's pretrained_cfg."""
+    pc = model.pretrained_cfg
+    crop = int(pc["input_size"][-1])
+    return {"preprocessing": {"resize": int(crop / pc["crop_pct"]), "crop": crop,
+                              "mean": list(pc["mean"]), "std": list(pc["std"]),
+                              "interpolation": pc["interpolation"]}}
+
+
+def _build(name: str | None, ckpt: Checkpoint, overrides: Mapping[str, Any],
+           error: Callable[[str], Exception]) -> tuple[RDNet, list[str]]:
+    # a zoo name fixes the size; without one the stored configuration (or the tensors) does
+    return build_rdnet(name, ckpt.state_dict, None if name else ckpt.config, overrides, error)
+
+
+RDNET_LAYOUT = Layout(
+    family="rdnet", holds=is_rdnet_checkpoint, canonical=rdnet_state_dict, build=_build,
+    load=load_rdnet, default_meta=_published_preprocessing,
+    name_of=lambda model: model.pretrained_cfg.get("architecture") or "rdnet")

@@ -13,10 +13,8 @@ from typing import Any
 
 import torch
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..digest import file_digest
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @dataclass(frozen=True)

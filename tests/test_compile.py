@@ -78,18 +78,23 @@ def _block_args(kernels: str, channels_last: bool, bottleneck: bool):
             channels_last, kernels)
 
 
+KERNELS = [
+    pytest.param("native", marks=pytest.mark.skipif(
+        dispatch.backend() != "native", reason="no C compiler: the C kernels cannot be built")),
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not dispatch._triton_importable(), reason="Triton is not installed")),
+]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize(("channels_last", "bottleneck"), [(True, True), (False, False)])
-def test_custom_op_fakes_match_the_kernels(monkeypatch, channels_last, bottleneck):
+def test_custom_op_fakes_match_the_kernels(monkeypatch, kernels, channels_last, bottleneck):
     """torch.library.opcheck: schema, fake shapes/strides/dtypes against the real outputs and
     the registered autograd, for the C kernels, PyTorch operations and the Triton kernels
     (through the interpreter); AOT dispatch is exercised by the compiled step above."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for kernels in ("native", "torch", "triton"):
-        if kernels == "native" and dispatch.backend() != "native":
-            continue
-        if kernels == "triton" and not dispatch._triton_importable():
-            continue
-        args = _block_args(kernels, channels_last, bottleneck)
-        torch.library.opcheck(torch.ops.densenets.dense_block.default, args,
-                              test_utils=("test_schema", "test_faketensor",
-                                          "test_autograd_registration"))
+    args = _block_args(kernels, channels_last, bottleneck)
+    torch.library.opcheck(torch.ops.densenets.dense_block.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))

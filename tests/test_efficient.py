@@ -1,5 +1,6 @@
 """Memory-efficient dense blocks against the plain model, in float64: outputs, every gradient,
-running statistics, dropout masks; gradcheck of the hand-written backward."""
+running statistics, dropout masks; gradcheck and opcheck of the custom operator the model
+calls, with its hand-written backward."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import copy
 
 import pytest
 import torch
+from support import rel
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from densenets import DenseNet
 from densenets.efficient import dispatch as eff
-from densenets.efficient.block import BlockSpec, EfficientDenseBlock
 from densenets.models.densenet import DenseBlock
 
 TOL = 1e-10
@@ -33,13 +36,6 @@ def backend(request, monkeypatch):
     elif eff.backend() != "native":
         pytest.skip("no C compiler: the fused CPU kernels cannot be built here")
     return request.param
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |a|: relative to the tensor's scale."""
-    a, b = a.detach(), b.detach()
-    scale = a.abs().max().clamp_min(1e-300)
-    return float((a - b).abs().max() / scale)
 
 
 def make_pair(seed: int = 0, **cfg) -> tuple[DenseNet, DenseNet]:
@@ -164,22 +160,41 @@ def test_state_dict_moves_between_modes():
     assert rel(plain(x), fresh(x)) < TOL
 
 
-@pytest.mark.parametrize("bottleneck", [True, False])
-def test_gradcheck_block(bottleneck, backend):
+def block_op_args(bottleneck: bool, kernels: str, drop_rates=(0.0, 0.0)):
+    """Arguments of ``densenets::dense_block`` for a tiny float64 block of two layers, its
+    parameters (random BN affines) requiring gradients."""
     torch.manual_seed(0)
     block = DenseBlock(2, 3, 2, bottleneck=bottleneck, bn_size=2).double().train()
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):  # beta != 0: no gradient vanishes by symmetry
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)
     params = [p.detach().clone().requires_grad_(True) for p in eff._params(block)]
-    native = backend == "native"
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    return (x, params, 2, 4 if bottleneck else 0, list(drop_rates), 1e-5, 1e-5, False, kernels)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_gradcheck_of_the_custom_operator(bottleneck, backend):
+    """The operator the model calls, through its registered autograd (finite differences of
+    the output against the hand-written backward)."""
+    x, params, *args = block_op_args(bottleneck, backend)
 
     def f(x, *ps):
-        spec = BlockSpec(in_channels=3, growth_rate=2, num_layers=2, bottleneck=bottleneck,
-                         inter_channels=4 if bottleneck else 0, drop_rates=[0.0, 0.0],
-                         eps1=1e-5, eps2=1e-5, compute_dtype=torch.float64,
-                         acc_dtype=torch.float64, channels_last_input=False, native=native)
-        return EfficientDenseBlock.apply(spec, x, *ps)
+        return torch.ops.densenets.dense_block(x, list(ps), *args)[0]
 
-    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_opcheck_of_the_custom_operator(bottleneck, backend):
+    """Schema, fake tensors (shapes, strides, dtypes of every output) and autograd
+    registration of ``densenets::dense_block`` in float64, with dropout."""
+    args = block_op_args(bottleneck, backend, drop_rates=(0.2, 0.0))
+    torch.library.opcheck(torch.ops.densenets.dense_block.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 def test_single_value_per_channel_is_an_error():
@@ -188,19 +203,38 @@ def test_single_value_per_channel_is_an_error():
         efficient.features.denseblock1(torch.randn(1, 6, 1, 1, dtype=torch.float64))
 
 
+class AllocatedBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor an operator returns in new storage (not an input's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
 def test_backward_is_handed_no_zero_gradients_for_the_saved_tensors():
     """Only the block's output carries a gradient: autograd must not materialise zeros the
     size of the other outputs (the normalised block, the bottleneck maps) in every backward,
-    which raised the peak memory of BC-250 k=12 by a fifth."""
-    from torch.profiler import profile
-
+    which raised the peak memory of BC-250 k=12 by a fifth. Every byte allocated around the
+    block's backward (its kernels' own scratch is inside the operator) is counted."""
     torch.manual_seed(0)
-    model = DenseNet(growth_rate=12, block_config=(6, 6, 6), num_init_features=24,
-                     num_classes=10, stem="cifar", memory_efficient=True)
-    loss = model(torch.randn(4, 3, 16, 16)).sum()
-    with profile(profile_memory=True) as prof:
+    block = DenseBlock(6, 24, 12, memory_efficient=True).train()
+    x = torch.randn(4, 24, 16, 16, requires_grad=True)
+    outs = torch.ops.densenets.dense_block(x, eff._params(block), 12, 48, [0.0] * 6, 1e-5,
+                                           1e-5, False, eff.backend())
+    saved = sum(t.nbytes for t in outs[1:])  # what materialised zero gradients would take
+    needed = x.nbytes + sum(p.nbytes for p in block.parameters())  # dL/dx and dL/dparams
+    loss = outs[0].sum()
+    with AllocatedBytes() as allocated:
         loss.backward()
-    zeros = sum(e.cpu_memory_usage for e in prof.events()
-                if e.name == "aten::zeros" and e.cpu_memory_usage > 0)
-    first_block = 4 * 16 * 16 * (24 + 6 * 12) * 4  # bytes of block 1's normalised copy
-    assert zeros < first_block, zeros  # 261 KB measured; 2.4 MB with materialised gradients
+    assert needed <= allocated.bytes <= needed + 4096, (allocated.bytes, needed)
+    assert saved > 4 * needed  # so zero gradients for the saved outputs could not hide

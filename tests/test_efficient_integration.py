@@ -91,6 +91,28 @@ def test_torch_compile_trains_like_eager():
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cuda_default_is_the_measured_path_and_triton_is_opt_in(monkeypatch, dtype):
+    """On CUDA the default is the path a GPU run recorded (PyTorch operations) while no record
+    says the Triton kernels are faster; DENSENETS_KERNELS=triton selects them."""
+    monkeypatch.delenv("DENSENETS_KERNELS", raising=False)
+    assert eff.CUDA_DEFAULT == "torch"
+    assert eff.backend("cuda", dtype) == "torch"
+    assert eff.backend("cpu", torch.float32) in ("native", "torch")
+    monkeypatch.setattr(eff, "_triton_importable", lambda: True)
+    assert eff.backend("cuda", dtype) == "torch"  # installed Triton changes nothing by itself
+    monkeypatch.setenv("DENSENETS_KERNELS", "triton")
+    if dtype == torch.float64:
+        with pytest.raises(RuntimeError, match="float64"):
+            eff.backend("cuda", dtype)
+    else:
+        assert eff.backend("cuda", dtype) == "triton"
+    monkeypatch.setenv("DENSENETS_KERNELS", "torch")
+    assert eff.backend("cuda", dtype) == eff.backend("cpu", dtype) == "torch"
+    monkeypatch.setenv("DENSENETS_KERNELS", "auto")
+    assert eff.backend("cuda", dtype) == "torch"
+
+
 def test_frozen_batchnorm_falls_back_to_plain_path():
     plain = small()
     efficient = copy.deepcopy(plain).set_memory_efficient(True)

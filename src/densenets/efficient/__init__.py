@@ -1,1 +1,1 @@
-"""Memory-efficient dense blocks: the autograd function, its passes, and their CPU kernels."""
+"""Memory-efficient dense blocks: one algorithm, the passes of each backend, their kernels."""

@@ -156,22 +156,22 @@ def bn_relu_backward(da, x, g, b, g_sum, accumulate: bool):
     return dgamma, dbeta
 
 
-def col_normalise(src: torch.Tensor, dst: torch.Tensor, eps: float,
-                  copy: torch.Tensor | None = None, relu: tuple | None = None):
-    """dst = (src - mean) * invstd per column; returns (mean, biased var, invstd). Also writes
-    ``copy`` = src and, with relu = (g, b, out), out = relu(dst * g + b) in the same pass."""
+def col_normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, mean: torch.Tensor,
+                  var: torch.Tensor, invstd: torch.Tensor, copy: torch.Tensor | None = None,
+                  relu: tuple | None = None) -> None:
+    """dst = (src - mean) * invstd per column, writing the mean, biased var and invstd. Also
+    writes ``copy`` = src and, with relu = (g, b, out), out = relu(dst * g + b) in the same
+    pass."""
     m, k = src.shape
-    stats = [torch.empty(k, dtype=src.dtype) for _ in range(3)]
     copy_ptr, ldc = _mat(copy) if copy is not None else (None, 0)
     if relu is not None:
         g, b, out = relu
         relu_args = (_vec(g), _vec(b), *_mat(out))
     else:
         relu_args = (None, None, None, 0)
-    _fn("col_normalise", src.dtype)(m, k, *_mat(src), *_mat(dst), float(eps),
-                                    *(_vec(s) for s in stats), copy_ptr, ldc, *relu_args,
+    _fn("col_normalise", src.dtype)(m, k, *_mat(src), *_mat(dst), float(eps), _vec(mean),
+                                    _vec(var), _vec(invstd), copy_ptr, ldc, *relu_args,
                                     torch.get_num_threads())
-    return tuple(stats)
 
 
 def bn_backward(dh: torch.Tensor, z: torch.Tensor, g, b, invstd):

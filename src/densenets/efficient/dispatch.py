@@ -25,12 +25,13 @@ import warnings
 import torch
 from torch import nn
 
-from . import cpu_kernels, ops  # noqa: F401  (ops registers the densenets:: custom operators)
-from .passes import clear_workspaces
+from . import cpu_kernels, ops  # ops registers the densenets:: custom operators
+from .layout import is_channels_last
+from .triton_passes import TRITON_DTYPES
+from .workspace import clear_workspaces
 
 __all__ = ["backend", "clear_workspaces", "efficient_block_forward", "unsupported_reason"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _warned: set[str] = set()
 
 
@@ -67,14 +68,10 @@ def unsupported_reason(block: nn.Module) -> str | None:
     return None
 
 
-def _compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of activations and convolutions, dtype of statistics and gradient sums)."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the block's activations and convolutions (autocast's, under autocast)."""
     device = x.device.type
-    cdt = x.dtype
-    if torch.is_autocast_enabled(device):
-        cdt = torch.get_autocast_dtype(device)
-    acc = torch.float32 if cdt in _LOW_PRECISION else cdt
-    return cdt, acc
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _params(block: nn.Module) -> list[torch.Tensor]:
@@ -106,7 +103,13 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
 
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The default on CUDA is the path whose speed a GPU run has recorded. docs/benchmarks.md
+# ("Results: GPU") records the PyTorch operations on an H100: 17/17 float64 parity checks, and
+# their training speed and memory against torchvision. The Triton kernels have no GPU record yet,
+# so they are opt-in (DENSENETS_KERNELS=triton) until a run of benchmarks/gpu_kernels.py, which
+# prints the default its numbers support, records them faster and this line changes with it.
+CUDA_DEFAULT = "torch"
 
 
 @functools.cache
@@ -122,7 +125,7 @@ def _triton_problem(device_type: str, dtype: torch.dtype) -> str | None:
     """Why the Triton kernels cannot run on ``device_type``/``dtype``, or None."""
     if not _triton_importable():
         return "Triton is not installed (pip install triton)"
-    if dtype not in _TRITON_DTYPES:
+    if dtype not in TRITON_DTYPES:
         return f"they take float32, bfloat16 or float16, not {dtype}"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "on a CPU they run only through Triton's interpreter: set TRITON_INTERPRET=1"
@@ -136,9 +139,9 @@ def backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float
     (fused GPU kernels), "native" (fused C kernels, CPU float32/float64) or "torch" (PyTorch
     operations).
 
-    ``DENSENETS_KERNELS`` overrides the default (auto: Triton on CUDA for float32/bfloat16/
-    float16, the C kernels on CPU, PyTorch operations otherwise): ``triton`` forces the Triton
-    kernels anywhere and raises if they cannot run; ``torch`` forces PyTorch operations.
+    ``DENSENETS_KERNELS`` overrides the default (auto: :data:`CUDA_DEFAULT` on CUDA, the C
+    kernels on CPU, PyTorch operations otherwise): ``triton`` selects the Triton kernels anywhere
+    and raises if they cannot run; ``torch`` forces PyTorch operations.
     """
     device_type = torch.device(device).type
     choice = (os.environ.get("DENSENETS_KERNELS") or "auto").strip().lower()
@@ -153,16 +156,22 @@ def backend(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float
             raise RuntimeError(f"DENSENETS_KERNELS=triton, but the Triton kernels cannot run: "
                                f"{problem}")
         return "triton"
-    if device_type == "cuda" and dtype in _TRITON_DTYPES:
-        if _triton_importable():
-            return "triton"
-        _warn_once("Triton is not installed: the memory-efficient blocks run as PyTorch "
-                   "operations on CUDA (slower; pip install triton)")
-        return "torch"
+    if device_type == "cuda":
+        return _cuda_default(dtype)
     if device_type != "cpu":
         return "torch"
     probe = torch.empty(0, device=device, dtype=dtype)
     return "native" if cpu_kernels.usable(probe) else "torch"
+
+
+def _cuda_default(dtype: torch.dtype) -> str:
+    if CUDA_DEFAULT != "triton" or dtype not in TRITON_DTYPES:
+        return "torch"
+    if _triton_importable():
+        return "triton"
+    _warn_once("Triton is not installed: the memory-efficient blocks run as PyTorch "
+               "operations on CUDA (slower; pip install triton)")
+    return "torch"
 
 
 def _warn_once(message: str) -> None:
@@ -197,7 +206,7 @@ def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
                           stacklevel=2)
         return block.plain_forward(x)
     layers = block.layers
-    cdt, _ = _compute_dtypes(x)
+    cdt = _compute_dtype(x)
     params = _params(block)
     bottleneck = layers[0].bottleneck
     kernels = _kernels_for(x.device.type, cdt, all(p.dtype == cdt for p in params))
@@ -207,13 +216,12 @@ def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             layers[0].conv1.out_channels if bottleneck else 0,
             [layer.drop_rate if layer.training else 0.0 for layer in layers],
             layers[0].norm1.eps, layers[0].norm2.eps if bottleneck else 0.0,
-            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
-            kernels)
-    out, mean, var, mean2, var2 = outs[:5]
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+            is_channels_last(x), kernels)
+    out, saved = ops.outputs(outs)
+    count = x.numel() // x.shape[1]
     for i, layer in enumerate(layers):
         c = x.shape[1] + i * block.growth_rate
-        _update_running_stats(layer.norm1, mean[:c], var[:c], count)
+        _update_running_stats(layer.norm1, saved.mean[:c], saved.var[:c], count)
         if bottleneck:
-            _update_running_stats(layer.norm2, mean2[i], var2[i], count)
+            _update_running_stats(layer.norm2, saved.mean2[i], saved.var2[i], count)
     return out

@@ -1,47 +1,24 @@
-"""The elementary passes of the memory-efficient dense block, over NHWC matrices [M, c].
+"""The passes of the memory-efficient block that keep normalised copies: fused C kernels
+(:mod:`densenets.efficient.cpu_kernels`, CPU float32/float64, where the passes are bound by
+memory bandwidth) or PyTorch operations (everywhere else: GPU, half precision, no C compiler).
 
-Each pass has two implementations with the same results: fused C kernels
-(:mod:`densenets.efficient.cpu_kernels`) for float32/float64 on CPU, where the passes are bound
-by memory bandwidth, and PyTorch operations everywhere else (GPU, half precision, no C compiler).
-The ``native`` argument picks one; a block decides once per step so forward and backward agree.
+Each channel is normalised once, when it is produced, into ``xhat`` [M, C] (and each bottleneck
+output in place, into ``zhat``); a layer then applies only its own affine and ReLU. Every
+elementary pass below has both implementations with the same results; ``native`` picks one,
+once per block and step, so forward and backward agree.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 
 from . import cpu_kernels
+from .algorithm import BlockSpec, LayerParams, Saved
+from .workspace import ones, workspace
 
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
-_conv_backward = torch.ops.aten.convolution_backward.default
-
-# --- workspaces --------------------------------------------------------------------------------
-# Fresh large allocations are slow on CPU (every page is faulted in again), so temporaries that
-# never leave a forward or a backward live in buffers kept between steps. CUDA's caching
-# allocator already recycles memory, so there a fresh tensor is as cheap and safer.
-_WORKSPACES: dict[tuple, torch.Tensor] = {}
-
-
-def clear_workspaces() -> None:
-    """Release the cached CPU workspaces of the memory-efficient blocks."""
-    _WORKSPACES.clear()
-
-
-def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
-    """A contiguous scratch tensor; on CPU a view of a buffer named ``name`` kept between calls
-    (two live scratch tensors need two names)."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    numel = 1
-    for s in shape:
-        numel *= s
-    key = (name, dtype, device)
-    buf = _WORKSPACES.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
 
 
 def row_chunks(m: int, c: int, device: torch.device, cache_bytes: int = 1 << 20):
@@ -51,65 +28,124 @@ def row_chunks(m: int, c: int, device: torch.device, cache_bytes: int = 1 << 20)
     return [slice(r, min(m, r + rows)) for r in range(0, m, rows)]
 
 
-def _ones(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = ("ones", dtype, device)
-    buf = _WORKSPACES.get(key)
-    if buf is None or buf.numel() < m:
-        buf = _WORKSPACES[key] = torch.ones(m, dtype=dtype, device=device)
-    return buf[:m]
-
-
 def colsum(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """Sum over the rows of ``t`` [M, c]: a matrix-vector product, faster than sum(0) on CPU."""
     if t.dtype != acc:
         return t.sum(0, dtype=acc)
-    return torch.mv(t.t(), _ones(t.shape[0], acc, t.device))
+    return torch.mv(t.t(), ones(t.shape[0], acc, t.device))
 
 
-# --- layout ------------------------------------------------------------------------------------
-def nchw(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """View an NHWC matrix [M, c] as an (N, c, H, W) channels-last tensor, without a copy."""
-    return t.view(n, h, w, t.shape[1]).permute(0, 3, 1, 2)
+class TorchPasses:
+    """The passes as PyTorch operations (see :class:`~densenets.efficient.algorithm.Passes`)."""
+
+    normalises_on_load: ClassVar[bool] = False
+    native: ClassVar[bool] = False
+
+    def __init__(self, spec: BlockSpec, saved: Saved, block: torch.Tensor) -> None:
+        self.spec, self.s, self.block = spec, saved, block
+        self.m = saved.xhat.shape[0]
+        self.cdt, self.acc, self.dev = spec.compute_dtype, spec.acc_dtype, saved.xhat.device
+
+    def add_channels(self, c: int, new: torch.Tensor | None) -> None:
+        s = self.s
+        if new is None:
+            src, copy = self.block[:, :self.spec.in_channels], None
+        else:
+            src, copy = new, self.block[:, c:c + new.shape[1]]
+        cols = slice(c, c + src.shape[1])
+        normalise(src, s.xhat[:, cols], self.spec.eps1, self.acc, self.native,
+                  (s.mean[cols], s.var[cols], s.invstd[cols]), copy=copy)
+
+    def _bn1_relu(self, c: int, p: LayerParams) -> torch.Tensor:
+        a = workspace("a", (self.m, c), self.cdt, self.dev)
+        return bn_relu(self.s.xhat[:, :c], p.gamma1, p.beta1, a, self.native)
+
+    def conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
+        if not self.spec.bottleneck:
+            return self._bn1_relu(c, p)
+        s, m, b, cdt = self.s, self.m, self.spec.inter_channels, self.cdt
+        z = s.zhat[i]
+        w1t = p.w1.to(cdt).view(b, c).t()
+        for r in row_chunks(m, c, self.dev):
+            a = workspace("a", (r.stop - r.start, c), cdt, self.dev)
+            torch.mm(bn_relu(s.xhat[r, :c], p.gamma1, p.beta1, a, self.native), w1t, out=z[r])
+        if noise is not None:
+            z.mul_(noise)
+        hidden = workspace("b", (m, b), cdt, self.dev)
+        normalise(z, z, self.spec.eps2, self.acc, self.native,
+                  (s.mean2[i], s.var2[i], s.invstd2[i]), relu=(p.gamma2, p.beta2, hidden))
+        return hidden
+
+    def recompute_conv_input(self, i: int, c: int, p: LayerParams) -> torch.Tensor:
+        if not self.spec.bottleneck:
+            return self._bn1_relu(c, p)
+        hidden = workspace("b", (self.m, self.spec.inter_channels), self.cdt, self.dev)
+        return bn_relu(self.s.zhat[i], p.gamma2, p.beta2, hidden, self.native)
+
+    def conv_input_backward(self, i: int, c: int, p: LayerParams, dh, h, g_sum,
+                            accumulate: bool, noise) -> LayerParams:
+        s, acc = self.s, self.acc
+        if not self.spec.bottleneck:
+            dg1, db1 = bn_relu_backward(dh, h, s.xhat[:, :c], p.gamma1, p.beta1, g_sum[:, :c],
+                                        accumulate, acc, self.native)
+            return LayerParams(dg1, db1, None, None, None, None)
+        dz, dg2, db2 = bn_backward(dh, s.zhat[i], h, p.gamma2, p.beta2, s.invstd2[i], acc,
+                                   self.native)
+        if noise is not None:
+            dz = dz * noise
+        w1 = p.w1.to(self.cdt).view(self.spec.inter_channels, c)
+        dw1, dg1, db1 = self._conv1x1_backward(dz.to(self.cdt), w1, c, p, g_sum[:, :c],
+                                               accumulate)
+        return LayerParams(dg1, db1, dw1.view_as(p.w1), dg2, db2, None)
+
+    def _conv1x1_backward(self, dz, w1, c: int, p: LayerParams, g_sum, accumulate: bool):
+        """Backward of z = relu(xhat * g1 + b1) @ w1.t(), in row chunks that stay in cache:
+        recompute the BN-ReLU, then dw1 and the BN1 terms. Returns (dw1, dgamma1, dbeta1)."""
+        xhat, acc, dev = self.s.xhat[:, :c], self.acc, self.dev
+        dw1 = torch.zeros((w1.shape[0], c), dtype=acc, device=dev)
+        dg1 = torch.zeros(c, dtype=acc, device=dev)
+        db1 = torch.zeros_like(dg1)
+        for r in row_chunks(self.m, c, dev):
+            rows = r.stop - r.start
+            a = bn_relu(xhat[r], p.gamma1, p.beta1, workspace("a", (rows, c), dz.dtype, dev),
+                        self.native)
+            if dw1.dtype == a.dtype:
+                dw1.addmm_(dz[r].t(), a)
+            else:  # half precision: sum the chunks in float32
+                dw1 += torch.mm(dz[r].t(), a)
+            da = torch.mm(dz[r], w1, out=workspace("d", (rows, c), dz.dtype, dev))
+            dg, db = bn_relu_backward(da, a, xhat[r], p.gamma1, p.beta1, g_sum[r], accumulate,
+                                      acc, self.native)
+            dg1 += dg
+            db1 += db
+        return dw1, dg1, db1
+
+    def channel_grad(self, c: int, g_sum, direct, scratch: bool) -> torch.Tensor:
+        k = direct.shape[1]
+        shape = (self.m, k)
+        out = (workspace("d_new", shape, self.acc, self.dev) if scratch
+               else torch.empty(shape, dtype=self.acc, device=self.dev))
+        s = self.s
+        return bn_input_grad(g_sum, s.xhat[:, c:c + k], s.invstd[c:c + k], direct, out,
+                             self.acc, self.native)
 
 
-def nhwc(t: torch.Tensor) -> torch.Tensor:
-    """An (N, c, H, W) tensor as an NHWC matrix [M, c] (a view when it is channels-last)."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+class NativePasses(TorchPasses):
+    """The same passes through the fused C kernels (CPU, float32/float64)."""
+
+    native: ClassVar[bool] = True
 
 
-def conv(x: torch.Tensor, w: torch.Tensor, padding: int) -> torch.Tensor:
-    return F.conv2d(x, w, None, 1, padding)
-
-
-def conv_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, padding: int):
-    """(dL/dx, dL/dw) of a bias-free stride-1 convolution."""
-    gi, gw, _ = _conv_backward(grad, x, w, None, [1, 1], [padding, padding], [1, 1], False,
-                               [0, 0], 1, [True, True, False])
-    return gi, gw
-
-
-def dropout_noise(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device,
-                  channels_last: bool) -> torch.Tensor:
-    """The scaled mask (0 or 1 / (1 - p)) that F.dropout applies, as an NHWC matrix.
-
-    F.dropout is called on ones laid out like the plain model's tensor, so both modes consume
-    the random generator identically (on CPU and on CUDA's fused kernel) and drop the same
-    units; multiplying by the result is then exactly what F.dropout computes.
-    """
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ones = torch.ones(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-    return nhwc(F.dropout(ones, p, training=True))
-
-
-# --- passes ------------------------------------------------------------------------------------
+# --- the elementary passes, each in C and in PyTorch operations ---------------------------------
 def normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, acc: torch.dtype, native: bool,
-              copy: torch.Tensor | None = None, relu: tuple | None = None):
-    """Write (src - mean) * invstd into ``dst`` (may be ``src``); return the biased batch
-    statistics (mean, var, invstd), each [c] in ``acc``. Optionally also copy ``src`` into
-    ``copy`` and, with relu = (gamma, beta, out), write out = relu(dst * gamma + beta): the
-    fused kernel does both in its last pass."""
+              stats: tuple, copy: torch.Tensor | None = None, relu: tuple | None = None) -> None:
+    """Write (src - mean) * invstd into ``dst`` (may be ``src``) and the biased batch
+    statistics into stats = (mean, var, invstd), each [c] in ``acc``. Optionally also copy
+    ``src`` into ``copy`` and, with relu = (gamma, beta, out), write out = relu(dst * gamma +
+    beta): the fused kernel does both in its last pass."""
     if native:
-        return cpu_kernels.col_normalise(src, dst, eps, copy, relu)
+        cpu_kernels.col_normalise(src, dst, eps, *stats, copy, relu)
+        return
     if copy is not None:
         copy.copy_(src)
     m = src.shape[0]
@@ -118,9 +154,10 @@ def normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, acc: torch.dtype
     var = colsum(dst * dst, acc) / m
     invstd = torch.rsqrt(var + eps)
     dst.mul_(invstd)
+    for out, value in zip(stats, (mean, var, invstd), strict=True):
+        out.copy_(value)
     if relu is not None:
         bn_relu(dst, *relu, native=False)
-    return mean, var, invstd
 
 
 def bn_relu(xhat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor,

@@ -1,4 +1,10 @@
-"""The Triton passes of the memory-efficient block: torch tensors in, kernel launches out.
+"""The passes of the memory-efficient block through the Triton kernels: torch tensors in, kernel
+launches out.
+
+Unlike :mod:`densenets.efficient.passes` they keep no normalised copy of the block: the block
+buffer itself and each channel's batch mean and invstd are enough, because every kernel that
+reads the prefix applies BN1 + ReLU to its tiles as they are loaded. Per layer the raw
+bottleneck output (4k channels) and its statistics are kept.
 
 Every matrix argument is an NHWC matrix [M, c] with unit column stride (a column slice of the
 block buffer is fine); vectors are contiguous float32. Statistics and gradient sums are float32;
@@ -11,8 +17,11 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import ClassVar
 
 import torch
+
+from .algorithm import BlockSpec, LayerParams, Saved
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STAT_ROWS = 256  # rows per partial of the column reductions
@@ -232,3 +241,73 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SMS[idx]
+
+
+class TritonPasses:
+    """The passes as Triton kernel launches (see
+    :class:`~densenets.efficient.algorithm.Passes`)."""
+
+    normalises_on_load: ClassVar[bool] = True
+
+    def __init__(self, spec: BlockSpec, saved: Saved, block: torch.Tensor) -> None:
+        self.spec, self.s, self.block = spec, saved, block
+        self.m, self.cdt = block.shape[0], spec.compute_dtype
+
+    def _empty(self, c: int) -> torch.Tensor:
+        return torch.empty((self.m, c), dtype=self.cdt, device=self.block.device)
+
+    def add_channels(self, c: int, new: torch.Tensor | None) -> None:
+        s = self.s
+        src = self.block[:, :self.spec.in_channels] if new is None else new
+        cols = slice(c, c + src.shape[1])
+        batch_stats(src, self.spec.eps1, s.mean[cols], s.var[cols], s.invstd[cols],
+                    copy_to=None if new is None else self.block[:, cols])
+
+    def _bn1_relu(self, c: int, p: LayerParams) -> torch.Tensor:
+        s = self.s
+        return bn_relu(self.block[:, :c], s.mean, s.invstd, p.gamma1, p.beta1, self._empty(c))
+
+    def _bn2_relu(self, i: int, p: LayerParams) -> torch.Tensor:
+        s = self.s
+        return bn_relu(s.z[i], s.mean2[i], s.invstd2[i], p.gamma2, p.beta2,
+                       self._empty(self.spec.inter_channels))
+
+    def conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
+        if not self.spec.bottleneck:
+            return self._bn1_relu(c, p)
+        s, b, z = self.s, self.spec.inter_channels, self.s.z[i]
+        part = gemm_bn_relu(self.block[:, :c], s.mean, s.invstd, p.gamma1, p.beta1,
+                            p.w1.view(b, c), z, stats=noise is None)
+        if noise is not None:  # BN2 normalises the dropped-out values: statistics after the mask
+            z.mul_(noise)
+            part = col_partials(z)
+        finalize(part, self.m, self.spec.eps2, s.mean2[i], s.var2[i], s.invstd2[i])
+        return self._bn2_relu(i, p)
+
+    def recompute_conv_input(self, i: int, c: int, p: LayerParams) -> torch.Tensor:
+        return self._bn2_relu(i, p) if self.spec.bottleneck else self._bn1_relu(c, p)
+
+    def conv_input_backward(self, i: int, c: int, p: LayerParams, dh, h, g_sum,
+                            accumulate: bool, noise) -> LayerParams:
+        s, x = self.s, self.block[:, :c]
+        if not self.spec.bottleneck:
+            dg1, db1 = gemm_bn_relu_dgrad(None, None, dh, x, s.mean, s.invstd, p.gamma1, p.beta1,
+                                          g_sum[:, :c], accumulate)
+            return LayerParams(dg1, db1, None, None, None, None)
+        b = self.spec.inter_channels
+        dz = self._empty(b)
+        dg2, db2 = bn_relu_backward_full(dh, s.z[i], s.mean2[i], s.invstd2[i], p.gamma2,
+                                         p.beta2, dz)
+        if noise is not None:
+            dz = dz * noise
+        w1 = p.w1.view(b, c)
+        dg1, db1 = gemm_bn_relu_dgrad(dz, w1, None, x, s.mean, s.invstd, p.gamma1, p.beta1,
+                                      g_sum[:, :c], accumulate)
+        dw1 = gemm_bn_relu_wgrad(dz, x, s.mean, s.invstd, p.gamma1, p.beta1)
+        return LayerParams(dg1, db1, dw1.view_as(p.w1), dg2, db2, None)
+
+    def channel_grad(self, c: int, g_sum, direct, scratch: bool) -> torch.Tensor:
+        k, s = direct.shape[1], self.s
+        cols = slice(c, c + k)
+        return input_grad(g_sum, self.block[:, cols], s.mean[cols], s.invstd[cols], direct,
+                          self._empty(k))

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # inside pyproject's ranges works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint install dev bench clean
+.PHONY: demo test test-fast lint install dev bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,9 +33,15 @@ $(CHROMIUM):
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "chromium missing and not root: the report's browser test will be skipped"; fi
 
+# Everything (CI runs this), then the 25 slowest tests.
 test: $(VENV)/.installed $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks hubconf.py
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
+
+# The edit loop: all but the tests marked slow (over ~10 s) or dist (several processes).
+test-fast: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks hubconf.py
+	$(BIN)/pytest -q -m "not slow and not dist" --durations=10
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks hubconf.py

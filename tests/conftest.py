@@ -1,4 +1,7 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the ``gpu`` marker's skip.
+
+Helpers that are not fixtures live in ``tests/support.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,16 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason shown, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @contextlib.contextmanager

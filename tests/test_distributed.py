@@ -193,6 +193,7 @@ def ddp_ranks(tmp_path_factory) -> list[dict]:
 NO_C_KERNELS = dispatch.backend("cpu", torch.float64) != "native"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("kernels", [
     pytest.param("native", marks=pytest.mark.skipif(
         NO_C_KERNELS, reason="no C compiler: the fused CPU kernels cannot be built here")),
@@ -232,7 +233,8 @@ def test_ddp_gradients_match_single_process(ddp_ranks, kernels):
         assert torch.equal(g, ddp_ranks[1][kernels]["grads"][n]), n
 
 
-
+@pytest.mark.dist
+@pytest.mark.slow
 def test_two_processes_stay_identical_evaluate_exactly_and_resume(worker, tmp_path, capsys):
     out_dir, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
@@ -272,6 +274,8 @@ MODERN = ["--optimizer", "adamw", "--lr", "0.002", "--schedule", "cosine", "--wa
           "--label-smoothing", "0.1"]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("update", ["paper", "modern"])
 def test_sync_bn_two_by_32_equals_one_by_64(worker, tmp_path, monkeypatch, update):
     # 349 images: 5 batches of 64 and a tail of 29 split 15/14, which DDP must weigh right;
@@ -295,6 +299,8 @@ def test_sync_bn_two_by_32_equals_one_by_64(worker, tmp_path, monkeypatch, updat
                 assert torch.allclose(a[k], v, rtol=0, atol=1e-5), k
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_sigterm_saves_once_and_resume_continues_from_the_saved_step(worker, tmp_path):
     out_dir = tmp_path / "run"
     job = torchrun(worker, "train", *TINY, "--epochs", "40", "--out", str(out_dir))
@@ -312,6 +318,7 @@ def test_sigterm_saves_once_and_resume_continues_from_the_saved_step(worker, tmp
     assert final["step"] == done * 23 and final["epoch"] == done
 
 
+@pytest.mark.dist
 def test_killed_process_ends_the_job_with_an_error(worker, tmp_path):
     out_dir, pids = tmp_path / "run", tmp_path / "pids"
     pids.mkdir()
@@ -328,6 +335,7 @@ def test_killed_process_ends_the_job_with_an_error(worker, tmp_path):
     assert "local_rank: 1" in err and "SIGKILL" in err, err
 
 
+@pytest.mark.dist
 def test_a_process_whose_whole_share_is_unreadable_still_joins_the_step(worker, tmp_path):
     """Batch 2 of 3 holds two unreadable images, exactly process 1's share. Process 1 then has
     no image to train on; the others' gradient all-reduce must not wait for it until

@@ -140,6 +140,8 @@ def elastic(worker, tmp_path_factory) -> dict:
             "saved_before_kill": saved_before_kill}
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_killed_process_restarts_from_the_step_checkpoint_and_ends_like_an_uninterrupted_run(
         elastic, two_nodes):
     out, marks = elastic["out"], elastic["marks"]
@@ -164,6 +166,8 @@ def test_killed_process_restarts_from_the_step_checkpoint_and_ends_like_an_unint
           f"{back - killed:.1f} s after the SIGKILL, max weight difference {diff:g}")
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_second_job_on_the_same_directory_refuses_naming_the_holder(elastic):
     code, _, err = elastic["second"]
     _, holder_pid = stamp(elastic["marks"] / "waiting.rank0.attempt0")
@@ -172,6 +176,8 @@ def test_a_second_job_on_the_same_directory_refuses_naming_the_holder(elastic):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_two_nodes_train_like_one_node_with_two_processes(two_nodes, elastic):
     cfg = json.loads((two_nodes["out"] / "config.json").read_text())
     assert cfg["distributed"]["world_size"] == 2
@@ -180,6 +186,8 @@ def test_two_nodes_train_like_one_node_with_two_processes(two_nodes, elastic):
         assert torch.equal(one_node[k], v), k
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_sharded_eval_equals_single_process_eval(two_nodes):
     stdout = two_nodes["stdout"]
     assert stdout.count('"checkpoint"') == 1, stdout  # rank 0 alone prints

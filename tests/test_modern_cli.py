@@ -68,6 +68,7 @@ def test_digits_modern_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path)
                     for r in split["metrics"]]
 
 
+@pytest.mark.slow
 def test_digits_modern_reaches_99_percent_stopped_and_resumed(tmp_path, capsys):
     """The bar: >= 99% test accuracy on the real digits (about 60 s here)."""
     out = tmp_path / "run"

@@ -162,6 +162,7 @@ def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.browser
 def test_renders_in_headless_chromium(tmp_path):
     from PIL import Image, ImageStat
 

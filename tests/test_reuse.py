@@ -210,6 +210,7 @@ def test_reuse_verb_errors_are_one_line(tmp_path, capsys):
     assert main(["reuse", "densenet121", "-o", str(tmp_path / "r.pdf")]) == 2
 
 
+@pytest.mark.slow
 def test_a_trained_digits_checkpoint_shows_structure(tmp_path, capsys):
     """Real data, the CLI end to end. Weight decay shapes which sources a layer keeps only when
     lr x weight decay x steps is large enough (here 0.1 x 1.2e-2 x 270 steps at the first rate:

@@ -106,3 +106,40 @@ def test_every_verb_has_help(capsys):
             main([verb, "--help"])
         assert e.value.code == 0
         assert "usage: densenets " + verb in capsys.readouterr().out
+
+
+ARCHITECTURE_VERBS = ("train", "summary", "export", "predict", "reuse", "diagram")
+
+
+def _architecture_flags(verb: str) -> dict[str, tuple[str, ...]]:
+    from densenets.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[verb]
+    group = next(g for g in sub._action_groups if g.title == "architecture overrides")
+    return {a.dest: tuple(a.option_strings) for a in group._group_actions}
+
+
+def test_every_verb_that_builds_a_model_takes_the_same_architecture_flags():
+    from densenets.models.densenet import DenseNetConfig
+
+    flags = {verb: _architecture_flags(verb) for verb in ARCHITECTURE_VERBS}
+    assert all(f == flags["train"] for f in flags.values()), flags
+    # Each sets the configuration field of its name (depth picks a variant's blocks instead).
+    fields = {f for f in DenseNetConfig.__dataclass_fields__}
+    assert set(flags["train"]) - {"depth"} <= fields, set(flags["train"]) - fields
+    assert flags["train"]["growth_rate"] == ("--growth-rate", "-k")
+    assert flags["train"]["num_init_features"] == ("--init-features",)
+
+
+def test_architecture_flags_reach_the_model_of_every_verb(tmp_path, capsys):
+    code, out, _ = run(capsys, "summary", "densenet-bc", "--depth", "16", "-k", "4",
+                       "--block-config", "3", "3", "3", "--init-features", "8", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["model"] == "densenet-bc-16-k4"
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert rows["conv0"]["output_shape"][1] == 8  # --init-features
+    assert rows["denseblock1"]["kind"] == "dense block (3 layers)"  # --block-config
+    assert rows["denselayer1"]["kind"] == "dense layer (+4)"  # -k
+    code, _, err = run(capsys, "export", "densenet121", "--depth", "40", "-o",
+                       str(tmp_path / "x.onnx"))
+    assert code == 2 and "--depth applies to a variant name" in err

@@ -115,3 +115,22 @@ def test_predict_rejects_bad_arguments(tmp_path, images, capsys):
     assert main(["predict", str(ckpt), str(images[0][0]), "--weights", "imagenet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--topk must be >= 1" in err[0] and "--weights applies to a zoo name" in err[1]
+
+
+def test_device_is_checked_and_resolved_in_one_place(tmp_path, images, capsys):
+    from densenets.device import check_device, resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+        check_device("gpu0")
+    ckpt = checkpoint(tmp_path, 0.5)
+    report = predict_files(load(ckpt), images[0][:1], device="auto")  # any verb's spelling
+    assert len(report.predictions) == 1
+    for verb in (["predict", str(ckpt), str(images[0][0])], ["eval", str(ckpt)],
+                 ["bench", "densenet-bc-16-k4"], ["train", "--epochs", "1"]):
+        assert main([*verb, "--device", "gpu0"]) == 2, verb
+        assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["predict", str(ckpt), str(images[0][0]), "--device", "cuda:1"]) == 2
+        assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err

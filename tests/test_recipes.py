@@ -101,3 +101,51 @@ def test_cli_reports_bad_flags_in_one_line(capsys):
     assert main(["train", "--epochs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["densenets train: error: --epochs must be >= 1, got 0"]
+
+
+def test_every_flagged_field_is_a_train_flag_that_sets_it():
+    from densenets.cli import build_parser
+    from densenets.cli.train_cmds import config_from_args
+    from densenets.training.fields import flagged
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    defaults = {a.dest: a.default for a in train._actions}
+    # Values with a meaning of their own are exercised by their own tests.
+    own = {"device", "auto_augment", "model", "out", "data_dir", "stop_after", "drop_path"}
+    for f in flagged(TrainConfig):
+        assert f.dest in defaults and defaults[f.dest] is None, f.name  # absent: the recipe's
+        if f.name in own:
+            continue
+        value = {bool: True, int: 3, float: 0.0625, str: (f.flag.choices or ("", ""))[1]}[f.type]
+        argv = [f.names[0]] + ([] if f.type is bool else [str(value)])
+        cfg, _ = config_from_args(build_parser().parse_args(["train", *argv]))
+        assert getattr(cfg, f.name) == value, (f.name, getattr(cfg, f.name), value)
+
+
+def test_configuration_records_are_built_by_keyword():
+    from densenets.training.recipes import Recipe
+
+    with pytest.raises(TypeError):
+        TrainConfig("digits")  # a positional value would land in whatever field comes first
+    with pytest.raises(TypeError, match="no TrainConfig fields"):
+        Recipe(name="x", augment="none", settings={"learning_rate": 0.1})
+
+
+def test_resume_may_change_only_the_declared_fields():
+    from densenets.training.run import RESUMABLE
+
+    assert set(RESUMABLE) == {"epochs", "device", "workers", "data_dir", "download",
+                              "stop_after", "strict", "threads"}
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(mixup_prob=1.5), r"--mixup-prob is a probability in \[0, 1\], got 1.5"),
+    (dict(ema_decay=1.0), r"--ema-decay must be in \[0, 1\), got 1.0"),
+    (dict(accum_steps=0), "--accum-steps must be >= 1 batch per step, got 0"),
+    (dict(optimizer="lamb"), "--optimizer must be one of sgd, adamw, got 'lamb'"),
+    (dict(device="tpu:x"), "--device must be auto, cpu, cuda or cuda:N"),
+    (dict(val_split=-2), "--val-split must be >= 0 images, got -2"),
+])
+def test_declared_checks_name_the_flag(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve("digits-modern", **bad)

@@ -161,3 +161,36 @@ def test_any_module_with_a_plain_dataloader(tmp_path):
     assert s["steps"] == 3 * len(loader) and s["final"]["test_top1_err"] < 30.0
     assert t.history[-1]["train_loss"] < t.history[0]["train_loss"]
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+
+
+def test_grouped_settings_and_the_flat_keywords_of_earlier_versions_train_alike(tmp_path):
+    from densenets.training.loop import Checkpointing, Execution, OptimizerSettings, Reporting
+
+    def fit(run_dir, **settings):
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        train, test = load_digits_data()
+        t = Trainer(mlp, TensorLoader(train, 256, [0.3], [0.4], shuffle=True),
+                    {"test": TensorLoader(test, 500, [0.3], [0.4])}, epochs=2,
+                    schedule=Schedule(1e-2), run_dir=run_dir, **settings)
+        t.fit()
+        return t
+
+    grouped = fit(tmp_path / "grouped",
+                  optim=OptimizerSettings(optimizer="adamw", weight_decay=0.05,
+                                          decay_norm_bias=False),
+                  execution=Execution(device="cpu"),
+                  checkpointing=Checkpointing(stop_after=1, extra={"note": "kept"}),
+                  reporting=Reporting(progress=False, log=lambda s: None))
+    flat = fit(tmp_path / "flat", optimizer="adamw", weight_decay=0.05, decay_norm_bias=False,
+               device="cpu", stop_after=1, checkpoint_extra={"note": "kept"}, progress=False,
+               log=lambda s: None)
+    assert isinstance(grouped.optimizer, torch.optim.AdamW) and grouped.epoch == 1
+    assert [g["weight_decay"] for g in grouped.optimizer.param_groups] == [0.05, 0.0]
+    for a, b in zip(grouped.model.parameters(), flat.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert load_checkpoint(tmp_path / "grouped" / "last.pt")["note"] == "kept"
+    with pytest.raises(TypeError, match="pass one"):
+        fit(tmp_path / "both", optim=OptimizerSettings(), optimizer="adamw")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: momentun"):
+        fit(tmp_path / "typo", momentun=0.9)

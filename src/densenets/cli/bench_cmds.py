@@ -8,17 +8,13 @@ import json
 from rich.table import Table
 
 from ..device import resolve_device
-from .flags import add_device_flag
+from .flags import JSON, add_device_flag, verb
 from .output import console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench", help="measure training speed and peak memory on this machine",
-        description="Time training steps (forward, cross-entropy, backward, SGD) of a zoo model "
-                    "on random data and report images/s and peak memory (GPU: max allocated; "
-                    "CPU: peak resident set size of this process). For side-by-side numbers "
-                    "against torchvision run `python benchmarks/run.py`.")
+    p = verb(sub, "bench", cmd_bench, "measure training speed and peak memory on this machine",
+             json=JSON)
     p.add_argument("model", help="zoo name, e.g. densenet121 or densenet-bc-100-k12")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step (default 64; 256 for ImageNet models on GPU, 8 on CPU)")
@@ -36,8 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5; median shown)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     add_device_flag(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_bench)
 
 
 def _default_batch(model: str, device: str) -> int:
@@ -49,6 +43,10 @@ def _default_batch(model: str, device: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Time training steps (forward, cross-entropy, backward, SGD) of a zoo model on random
+    data and report images/s and peak memory (GPU: max allocated; CPU: peak resident set
+    size of this process). For side-by-side numbers against torchvision run `python
+    benchmarks/run.py`."""
     from ..analysis.bench import BenchConfig, run_single
     from ..models.zoo import model_config
 

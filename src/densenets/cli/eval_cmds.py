@@ -13,14 +13,11 @@ import json
 
 from ..training.assess import evaluate_checkpoint
 from ..training.recipes import RECIPES
-from .flags import add_device_flag
+from .flags import JSON, add_device_flag, verb
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 error and loss of a checkpoint",
-                       description="Evaluate a training checkpoint on the test or validation "
-                                   "split of its recipe. A run directory means its best.pt "
-                                   "when a validation split chose it, else its last.pt.")
+    p = verb(sub, "eval", cmd_eval, "top-1/top-5 error and loss of a checkpoint", json=JSON)
     p.add_argument("checkpoint", help="a .pt checkpoint or a run directory")
     p.add_argument("--recipe", choices=list(RECIPES), help="dataset (default: the training one)")
     p.add_argument("--data-dir", help="dataset directory (default: the training one)")
@@ -35,11 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("bf16", "fp16"))
     p.add_argument("--ema", action="store_true",
                    help="evaluate the EMA of the weights the run kept (--ema-decay)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a training checkpoint on the test or validation split of its recipe. A run
+    directory means its best.pt when a validation split chose it, else its last.pt."""
     out = evaluate_checkpoint(
         args.checkpoint, recipe=args.recipe, split=args.split, ten_crop=args.ten_crop,
         ema=args.ema, amp=args.amp, device=args.device, download=args.download,

@@ -8,9 +8,10 @@ declarations (:mod:`densenets.training.config`, :class:`~densenets.training.mode
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ from ..training.model import Architecture, named_model
 from ..weights.files import load
 
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+JSON = "print JSON"  # the --json help of most verbs
+
+
+def verb(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+         help: str, json: str | None = None) -> argparse.ArgumentParser:
+    """The parser of verb ``name``, run by ``func`` and described by its docstring; ``json``: the
+    help of its ``--json`` (a verb whose result a script would read has one)."""
+    p = sub.add_parser(name, help=help, description=inspect.getdoc(func))
+    p.set_defaults(func=func)
+    if json:
+        p.add_argument("--json", action="store_true", help=json)
+    return p
 
 
 def add_device_flag(p: argparse.ArgumentParser, default: str = "auto") -> None:

@@ -9,36 +9,27 @@ from rich.table import Table
 
 from ..analysis.summary import human, model_stats, paper_tables, summary
 from ..factory import list_models
-from .flags import add_model_source, model_of
+from .flags import JSON, add_model_source, model_of, verb
 from .output import console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo with parameters and MACs",
-                       description="Every zoo name with parameters and multiply-adds at its "
-                                   "native input size (224x224 ImageNet, 32x32 CIFAR/SVHN).")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_models)
+    verb(sub, "models", cmd_models, "list the model zoo with parameters and MACs", json=JSON)
 
-    p = sub.add_parser(
-        "summary", help="per-layer shapes, parameters and MACs of a model",
-        description="One row per stem op, dense layer, dense block, transition, pool and "
-                    "classifier. MODEL is a zoo name (densenet121, densenet-bc-100-k12, ...), "
-                    "a variant (densenet, densenet-b, densenet-c, densenet-bc) with --depth, "
-                    "or a weights file or run directory (its stored architecture).")
+    p = verb(sub, "summary", cmd_summary, "per-layer shapes, parameters and MACs of a model",
+             json=JSON)
     add_model_source(p, "zoo name, variant, weights file or run directory")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="input size (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=1, help="batch dimension (default 1)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("paper", help="the paper's Tables 1 and 2 beside our computed numbers")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_paper)
+    verb(sub, "paper", cmd_paper, "the paper's Tables 1 and 2 beside our computed numbers",
+         json=JSON)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """Every zoo name with parameters and multiply-adds at its native input size (224x224
+    ImageNet, 32x32 CIFAR/SVHN)."""
     stats = [model_stats(n) for n in list_models()]
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -59,6 +50,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    """One row per stem op, dense layer, dense block, transition, pool and classifier. MODEL
+    is a zoo name (densenet121, densenet-bc-100-k12, ...), a variant (densenet, densenet-b,
+    densenet-c, densenet-bc) with --depth, or a weights file or run directory (its stored
+    architecture)."""
     name, model = model_of(args)
     if args.input_size:
         size = (args.batch_size, *args.input_size)

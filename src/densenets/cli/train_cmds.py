@@ -17,15 +17,11 @@ from ..training import run as runs
 from ..training.config import RUN, TrainConfig
 from ..training.model import Architecture
 from ..training.recipes import RECIPES
-from .flags import add_architecture_flags, add_config_flags, given
+from .flags import add_architecture_flags, add_config_flags, given, verb
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a DenseNet or RDNet with a recipe (default: digits)",
-        description="Train with a recipe of the paper or a modern one (digits-modern, "
-                    "imagenet-modern, imagenet-rdnet); any flag overrides the recipe. With no "
-                    "arguments: the embedded scikit-learn digits, DenseNet-BC-40 (k=12).")
+    p = verb(sub, "train", cmd_train, "train a DenseNet or RDNet with a recipe (default: digits)")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="dataset + hyperparameters of the paper (default digits)")
     add_architecture_flags(p)
@@ -42,7 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default=distributed.DEFAULT_TIMEOUT_S,
                    help="seconds a process waits for the others before giving up with an "
                         "error (default %(default)g)")
-    p.set_defaults(func=cmd_train)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None]:
@@ -56,6 +51,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train with a recipe of the paper or a modern one (digits-modern, imagenet-modern,
+    imagenet-rdnet); any flag overrides the recipe. With no arguments: the embedded scikit-
+    learn digits, DenseNet-BC-40 (k=12)."""
     cfg, state = config_from_args(args)
     try:
         result = runs.train(cfg, state, sync_bn=bool(args.sync_bn), save_every=args.save_every,

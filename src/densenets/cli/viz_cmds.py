@@ -7,16 +7,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .flags import add_model_source, is_file_spec, model_from_args
+from .flags import add_model_source, is_file_spec, model_from_args, verb
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "reuse", help="the paper's feature-reuse heatmap (Figure 5) of a model",
-        description="For each dense block, how strongly each layer (and the transition or "
-                    "classifier after it) uses the maps of every earlier layer: mean |w| over "
-                    "the input channels each source produced. Writes the heatmap to -o and the "
-                    "matrix beside it as .json and .csv.")
+    p = verb(sub, "reuse", cmd_reuse, "the paper's feature-reuse heatmap (Figure 5) of a model",
+             json="also print the matrix as JSON")
     add_model_source(p, "a weights file (.pt/.pth/.safetensors: ours, torchvision's, timm's), a "
                         "run directory (its best.pt), or a zoo name (random weights)",
                      "CHECKPOINT_OR_MODEL")
@@ -25,30 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=("mean", "target", "z"), default="mean",
                    help="cell colour: mean |w| (the paper, default), mean |w| scaled to each "
                         "target's maximum, or z-score against shuffled input channels")
-    p.add_argument("--json", action="store_true", help="also print the matrix as JSON")
-    p.set_defaults(func=cmd_reuse)
 
-    p = sub.add_parser(
-        "diagram", help="draw the network and one dense block's connections",
-        description="The network (stem, blocks, transitions, head with channels and spatial "
-                    "sizes) and one dense block wired as in the paper's Figure 1, drawn from "
-                    "the model itself.")
+    p = verb(sub, "diagram", cmd_diagram, "draw the network and one dense block's connections",
+             json="print what was drawn as JSON")
     add_model_source(p, "a zoo name, a variant with --depth, a weights file or a run directory")
     p.add_argument("-o", "--output", default="model.svg", help=".svg or .png (default model.svg)")
     p.add_argument("--block", type=int, default=1, help="which dense block to draw (default 1)")
     p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="input size for the spatial sizes (default: the model's native size)")
-    p.add_argument("--json", action="store_true", help="print what was drawn as JSON")
-    p.set_defaults(func=cmd_diagram)
 
-    p = sub.add_parser(
-        "report", help="one self-contained HTML page for a training run",
-        description="Configuration, curves, final metrics against the paper, model summary, "
-                    "architecture and feature-reuse heatmap of a run directory, in one HTML "
-                    "file that needs no network.")
+    p = verb(sub, "report", cmd_report, "one self-contained HTML page for a training run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by densenets train")
     p.add_argument("-o", "--output", help="HTML file (default RUN_DIR/report.html)")
-    p.set_defaults(func=cmd_report)
 
 
 def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
@@ -60,6 +44,9 @@ def _output_path(out: str, suffixes: tuple[str, ...]) -> Path:
 
 
 def cmd_reuse(args: argparse.Namespace) -> int:
+    """For each dense block, how strongly each layer (and the transition or classifier after
+    it) uses the maps of every earlier layer: mean |w| over the input channels each source
+    produced. Writes the heatmap to -o and the matrix beside it as .json and .csv."""
     from ..analysis import reuse
 
     out = _output_path(args.output, (".png", ".svg"))
@@ -88,6 +75,8 @@ def cmd_reuse(args: argparse.Namespace) -> int:
 
 
 def cmd_diagram(args: argparse.Namespace) -> int:
+    """The network (stem, blocks, transitions, head with channels and spatial sizes) and one
+    dense block wired as in the paper's Figure 1, drawn from the model itself."""
     from ..analysis.diagram import diagram
     from ..weights.files import load
 
@@ -117,6 +106,8 @@ def cmd_diagram(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Configuration, curves, final metrics against the paper, model summary, architecture
+    and feature-reuse heatmap of a run directory, in one HTML file that needs no network."""
     from ..analysis.report import write_report
 
     out = Path(args.output) if args.output else Path(args.run_dir) / "report.html"

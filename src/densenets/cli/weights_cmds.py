@@ -14,15 +14,12 @@ from pathlib import Path
 
 from ..deploy.export import FORMATS, check_destination, export, verify, within_tolerance
 from ..deploy.predict import predict_files, weights_meta
-from .flags import add_device_flag, add_model_source, is_file_spec, model_of
+from .flags import JSON, add_device_flag, add_model_source, is_file_spec, model_of, verb
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export", help="export a model to ONNX, TorchScript or a torch.export program",
-        description="Write CHECKPOINT_OR_MODEL (a .pt/.pth/.safetensors file, a run directory, "
-                    "or a zoo name) to FILE and check the result against PyTorch (ONNX with "
-                    "onnxruntime).")
+    p = verb(sub, "export", cmd_export,
+             "export a model to ONNX, TorchScript or a torch.export program", json=JSON)
     _add_source(p)
     p.add_argument("--format", choices=list(FORMATS), default="onnx", help="default: onnx")
     p.add_argument("-o", "--output", help="output file (default: MODEL.onnx/.pt/.pt2)")
@@ -35,21 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |exported - PyTorch| in the check, relative to the "
                         "largest output when that exceeds 1 (default 1e-4)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
-        "predict", help="top classes for image files",
-        description="Classify image files with CHECKPOINT_OR_MODEL, using the preprocessing and "
-                    "class names stored with its weights. Unreadable files are reported and "
-                    "skipped (exit status 1); the rest are still predicted.")
+    p = verb(sub, "predict", cmd_predict, "top classes for image files", json=JSON)
     _add_source(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     add_device_flag(p, default="cpu")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_predict)
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -66,6 +55,8 @@ def is_random(args: argparse.Namespace) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Write CHECKPOINT_OR_MODEL (a .pt/.pth/.safetensors file, a run directory, or a zoo
+    name) to FILE and check the result against PyTorch (ONNX with onnxruntime)."""
     if args.output:  # before loading anything: a bad destination fails in a moment
         check_destination(args.output, FORMATS[args.format])
     name, model = model_of(args)
@@ -112,6 +103,9 @@ RANDOM_WEIGHTS = ("random weights: this network is untrained, so its classes mea
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with CHECKPOINT_OR_MODEL, using the preprocessing and class
+    names stored with its weights. Unreadable files are reported and skipped (exit status
+    1); the rest are still predicted."""
     name, model = model_of(args)
     report = predict_files(model, args.images, topk=args.topk, batch_size=args.batch_size,
                            device=args.device)

@@ -49,6 +49,11 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(cores - 1, 8)
 
 
+def _modern(help: str | None, metavar: str | None = None, **kw: Any) -> Flag:
+    """The flag of a field beyond the paper (its own --help section)."""
+    return Flag(MODERN, help, metavar=metavar, **kw)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything one training run needs, in plain JSON types: written as ``config.json``."""
@@ -113,42 +118,40 @@ class TrainConfig:
         RUN, "stop (resumably) after epoch N of the schedule", metavar="N"))
     out: str = setting("", flag=Flag(RUN, "run directory (default runs/<recipe>-<model>-<time>)"))
     # Beyond the paper; the defaults are the paper's recipe (old config.json files load as such).
-    optimizer: str = setting("sgd", flag=Flag(  # sgd: momentum, nesterov, dampening above
-        MODERN, "sgd (the paper's) or adamw (betas 0.9, 0.999)", choices=OPTIMIZERS))
-    decay_norm_bias: bool = setting(True, flag=Flag(
-        MODERN, "weight decay on norm weights and biases too (the paper: yes)", negatable=True))
-    schedule: str = setting("step", flag=Flag(
-        MODERN, "step (the paper's) or cosine", choices=SCHEDULES))
-    warmup_epochs: float = setting(0.0, flag=Flag(  # checked against --epochs: check_modern
-        MODERN, "linear warm-up over E epochs, moved every step", metavar="E"))
-    warmup_lr: float = setting(0.0, check=at_least(0), flag=Flag(
-        MODERN, "rate the warm-up starts at", metavar="LR"))
-    min_lr: float = setting(0.0, check=at_least(0), flag=Flag(
-        MODERN, "floor of the cosine schedule", metavar="LR"))
-    label_smoothing: float = setting(0.0, check=FRACTION, flag=Flag(MODERN, metavar="EPS"))
-    mixup: float = setting(0.0, check=at_least(0), flag=Flag(
-        MODERN, "mixup Beta(alpha); 0: off", metavar="ALPHA"))
-    cutmix: float = setting(0.0, check=at_least(0), flag=Flag(
-        MODERN, "cutmix Beta(alpha); 0: off", metavar="ALPHA"))
-    mixup_prob: float = setting(1.0, check=PROBABILITY, flag=Flag(
-        MODERN, "share of batches mixed", metavar="P"))
-    mixup_switch_prob: float = setting(0.5, check=PROBABILITY, flag=Flag(
-        MODERN, "with both on: chance of cutmix rather than mixup (default 0.5)", metavar="P"))
-    auto_augment: str = setting("", check=parse_auto_augment, flag=Flag(
-        MODERN, "rand-m<M>-n<N> (RandAugment, e.g. rand-m9-n2) or trivial", metavar="SPEC"))
-    color_jitter: float = setting(0.0, check=at_least(0), flag=Flag(
-        MODERN, "brightness/contrast/saturation jitter (not with --auto-augment)", metavar="S"))
-    random_erasing: float = setting(0.0, check=PROBABILITY, flag=Flag(
-        MODERN, "erase a patch with probability P", metavar="P"))
-    drop_path: float = setting(0.0, check=FRACTION, flag=Flag(
-        MODERN, "stochastic depth (RDNet; default: the recipe's for the model size)",
-        metavar="RATE"))
-    accum_steps: int = setting(1, check=at_least(1, "batch per step"), flag=Flag(
-        MODERN, "batches per optimiser step (effective batch N x --batch-size)", metavar="N"))
-    ema_decay: float = setting(0.0, check=FRACTION, flag=Flag(
-        MODERN, "evaluate an EMA of the weights too (per step; 0: off)", metavar="D"))
-    clip_grad: float = setting(0.0, check=at_least(0), flag=Flag(
-        MODERN, "clip the gradients' global L2 norm (0: off)", metavar="NORM"))
+    optimizer: str = setting("sgd", flag=_modern(  # sgd: momentum, nesterov, dampening above
+        "sgd (the paper's) or adamw (betas 0.9, 0.999)", choices=OPTIMIZERS))
+    decay_norm_bias: bool = setting(True, flag=_modern(
+        "weight decay on norm weights and biases too (the paper: yes)", negatable=True))
+    schedule: str = setting("step", flag=_modern("step (the paper's) or cosine",
+                                                 choices=SCHEDULES))
+    warmup_epochs: float = setting(0.0, flag=_modern(  # checked against --epochs: check_modern
+        "linear warm-up over E epochs, moved every step", "E"))
+    warmup_lr: float = setting(0.0, check=at_least(0), flag=_modern("rate the warm-up starts at",
+                                                                    "LR"))
+    min_lr: float = setting(0.0, check=at_least(0), flag=_modern("floor of the cosine schedule",
+                                                                 "LR"))
+    label_smoothing: float = setting(0.0, check=FRACTION, flag=_modern(None, "EPS"))
+    mixup: float = setting(0.0, check=at_least(0), flag=_modern("mixup Beta(alpha); 0: off",
+                                                                "ALPHA"))
+    cutmix: float = setting(0.0, check=at_least(0), flag=_modern("cutmix Beta(alpha); 0: off",
+                                                                 "ALPHA"))
+    mixup_prob: float = setting(1.0, check=PROBABILITY, flag=_modern("share of batches mixed", "P"))
+    mixup_switch_prob: float = setting(0.5, check=PROBABILITY, flag=_modern(
+        "with both on: chance of cutmix rather than mixup (default 0.5)", "P"))
+    auto_augment: str = setting("", check=parse_auto_augment, flag=_modern(
+        "rand-m<M>-n<N> (RandAugment, e.g. rand-m9-n2) or trivial", "SPEC"))
+    color_jitter: float = setting(0.0, check=at_least(0), flag=_modern(
+        "brightness/contrast/saturation jitter (not with --auto-augment)", "S"))
+    random_erasing: float = setting(0.0, check=PROBABILITY,
+                                    flag=_modern("erase a patch with probability P", "P"))
+    drop_path: float = setting(0.0, check=FRACTION, flag=_modern(
+        "stochastic depth (RDNet; default: the recipe's for the model size)", "RATE"))
+    accum_steps: int = setting(1, check=at_least(1, "batch per step"), flag=_modern(
+        "batches per optimiser step (effective batch N x --batch-size)", "N"))
+    ema_decay: float = setting(0.0, check=FRACTION, flag=_modern(
+        "evaluate an EMA of the weights too (per step; 0: off)", "D"))
+    clip_grad: float = setting(0.0, check=at_least(0),
+                               flag=_modern("clip the gradients' global L2 norm (0: off)", "NORM"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -249,9 +249,9 @@ def test_kernels_imported_before_the_setting_are_reloaded_for_the_interpreter(mo
     assert rel(out, torch.relu((x.double() - mean) * inv * g.double() + b.double())) < 1e-6
 
 
-def test_gemm_kernels_compile_for_a_gpu(monkeypatch):
-    """The interpreter accepts code a GPU compiler rejects: build the three GEMM kernels for
-    sm_90 (Triton's code generator and its bundled ptxas, no GPU needed), with the tiles the
+def test_kernels_compile_for_a_gpu(monkeypatch):
+    """The interpreter accepts code a GPU compiler rejects: build every kernel for sm_90
+    (Triton's code generator and its bundled ptxas, no GPU needed), the GEMMs with the tiles the
     launchers pick for DenseNet-121's first block in bfloat16."""
     import importlib
 
@@ -262,16 +262,23 @@ def test_gemm_kernels_compile_for_a_gpu(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     kernels = importlib.reload(triton_kernels)
-    data = {"x_ptr", "w_ptr", "z_ptr", "dz_ptr", "da_ptr"}
+    data = {"x_ptr", "w_ptr", "z_ptr", "dz_ptr", "da_ptr", "src_ptr", "dst_ptr", "out_ptr",
+            "dy_ptr", "direct_ptr"}
     bm, bn, bk = triton_passes._tiles(256 * 56 * 56, 128, 256, torch.bfloat16)
     flags = dict(IEEE=False, UPCAST=False)
+    cols = dict(BM=64, BC=64)
     jobs = [(kernels._gemm_bnrelu_fwd, dict(BM=bm, BN=bn, BK=bk, STATS=True, **flags)),
             (kernels._gemm_bnrelu_dgrad, dict(BM=min(bm, 64), BN=bn, BK=bk, GEMM=True,
                                                ACCUMULATE=True, **flags)),
-            (kernels._gemm_bnrelu_wgrad, dict(BM=min(bm, 64), BN=bn, BK=bk, **flags))]
+            (kernels._gemm_bnrelu_wgrad, dict(BM=min(bm, 64), BN=bn, BK=bk, **flags)),
+            (kernels._col_stats, dict(cols, COPY=True)),
+            (kernels._stats_finalize, dict(TILE=256, BT=64, BC=64)),
+            (kernels._bn_relu_apply, cols),
+            (kernels._bn_bwd_reduce, dict(cols, MASK=True)),
+            (kernels._bn_bwd_apply, dict(cols, MASK=True, DIRECT=True))]
     for fn, consts in jobs:
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in data else "*fp32")
-               if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+               if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": triton_passes._warps(bm, bn),

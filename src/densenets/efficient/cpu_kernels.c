@@ -28,10 +28,13 @@ static double *partials_new(int nt, i64 width) {
     return (double *)calloc((size_t)nt * (size_t)width, sizeof(double));
 }
 
-static void partials_sum(const double *p, int nt, i64 width, double *out) {
-    for (i64 j = 0; j < width; j++) out[j] = 0.0;
+/* The threads' sums added in thread order into a new array; frees the partials. */
+static double *partials_total(double *p, int nt, i64 width) {
+    double *out = (double *)calloc((size_t)width, sizeof(double));
     for (int t = 0; t < nt; t++)
         for (i64 j = 0; j < width; j++) out[j] += p[(i64)t * width + j];
+    free(p);
+    return out;
 }
 
 #define REAL float
@@ -45,6 +48,13 @@ static void partials_sum(const double *p, int nt, i64 width, double *out) {
 
 #else /* the kernels, for one REAL type */
 #define T REAL
+
+/* A thread sums columns in the element type over blocks of ROWS rows (`blk`), then adds each
+ * block into its double sums `s` and clears it: long columns keep double precision at the
+ * element type's speed. */
+static inline void SUF(add_block)(double *restrict s, T *restrict blk, i64 w) {
+    for (i64 j = 0; j < w; j++) { s[j] += blk[j]; blk[j] = 0; }
+}
 
 /* out = relu(x * g + b): a layer's BN affine and ReLU applied to normalised channels. */
 void SUF(bn_relu)(i64 M, i64 c, const T *restrict x, i64 ldx, const T *restrict g,
@@ -68,43 +78,28 @@ void SUF(bn_relu_backward)(i64 M, i64 c, const T *restrict da, i64 ldd, const T 
     double *part = partials_new(nt, 2 * c);
 #pragma omp parallel num_threads(nt)
     {
-        double *sg = part + (i64)omp_get_thread_num() * 2 * c, *sb = sg + c;
+        double *s = part + (i64)omp_get_thread_num() * 2 * c;
         T *restrict bg = (T *)calloc(2 * c, sizeof(T)), *restrict bb = bg + c;
         i64 rows = 0;
 #pragma omp for schedule(static)
         for (i64 m = 0; m < M; m++) {
             const T *restrict dr = da + m * ldd, *restrict xr = x + m * ldx;
             T *restrict gr = G + m * ldg;
-            if (accumulate) {
-                for (i64 j = 0; j < c; j++) {
-                    T y = xr[j] * g[j] + b[j];
-                    T dy = y <= 0 ? (T)0 : dr[j];
-                    bb[j] += dy;
-                    bg[j] += dy * xr[j];
-                    gr[j] += g[j] * dy;
-                }
-            } else {
-                for (i64 j = 0; j < c; j++) {
-                    T y = xr[j] * g[j] + b[j];
-                    T dy = y <= 0 ? (T)0 : dr[j];
-                    bb[j] += dy;
-                    bg[j] += dy * xr[j];
-                    gr[j] = g[j] * dy;
-                }
+            for (i64 j = 0; j < c; j++) {  /* the compiler unswitches `accumulate` */
+                T y = xr[j] * g[j] + b[j];
+                T dy = y <= 0 ? (T)0 : dr[j];
+                bb[j] += dy;
+                bg[j] += dy * xr[j];
+                gr[j] = (accumulate ? gr[j] : (T)0) + g[j] * dy;
             }
-            if (++rows == ROWS) {
-                for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; bg[j] = bb[j] = 0; }
-                rows = 0;
-            }
+            if (++rows % ROWS == 0) SUF(add_block)(s, bg, 2 * c);
         }
-        for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; }
+        SUF(add_block)(s, bg, 2 * c);
         free(bg);
     }
-    double *tot = (double *)malloc(2 * c * sizeof(double));
-    partials_sum(part, nt, 2 * c, tot);
+    double *tot = partials_total(part, nt, 2 * c);
     for (i64 j = 0; j < c; j++) { dgamma[j] = (T)tot[j]; dbeta[j] = (T)tot[c + j]; }
     free(tot);
-    free(part);
 }
 
 /* Column sums of src (or of (src - shift)^2 when shift is given) into out[k], in double. */
@@ -124,16 +119,14 @@ static void SUF(col_sums)(i64 M, i64 k, const T *restrict src, i64 lds,
             } else {
                 for (i64 j = 0; j < k; j++) blk[j] += r[j];
             }
-            if (++rows == ROWS) {
-                for (i64 j = 0; j < k; j++) { s[j] += blk[j]; blk[j] = 0; }
-                rows = 0;
-            }
+            if (++rows % ROWS == 0) SUF(add_block)(s, blk, k);
         }
-        for (i64 j = 0; j < k; j++) s[j] += blk[j];
+        SUF(add_block)(s, blk, k);
         free(blk);
     }
-    partials_sum(part, nt, k, out);
-    free(part);
+    double *tot = partials_total(part, nt, k);
+    memcpy(out, tot, (size_t)k * sizeof(double));
+    free(tot);
 }
 
 /* Batch statistics of k channels: dst = (src - mean) * invstd with the biased variance
@@ -180,7 +173,7 @@ void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T
     double *part = partials_new(nt, 2 * c);
 #pragma omp parallel num_threads(nt)
     {
-        double *sg = part + (i64)omp_get_thread_num() * 2 * c, *sb = sg + c;
+        double *s = part + (i64)omp_get_thread_num() * 2 * c;
         T *restrict bg = (T *)calloc(2 * c, sizeof(T)), *restrict bb = bg + c;
         i64 rows = 0;
 #pragma omp for schedule(static)
@@ -192,16 +185,12 @@ void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T
                 bb[j] += dy;
                 bg[j] += dy * zr[j];
             }
-            if (++rows == ROWS) {
-                for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; bg[j] = bb[j] = 0; }
-                rows = 0;
-            }
+            if (++rows % ROWS == 0) SUF(add_block)(s, bg, 2 * c);
         }
-        for (i64 j = 0; j < c; j++) { sg[j] += bg[j]; sb[j] += bb[j]; }
+        SUF(add_block)(s, bg, 2 * c);
         free(bg);
     }
-    double *tot = (double *)malloc(2 * c * sizeof(double));
-    partials_sum(part, nt, 2 * c, tot);
+    double *tot = partials_total(part, nt, 2 * c);
     T *coef = (T *)malloc(3 * c * sizeof(T)), *mg = coef + c, *mb = mg + c;
     for (i64 j = 0; j < c; j++) {
         dgamma[j] = (T)tot[j];
@@ -222,7 +211,6 @@ void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T
     }
     free(coef);
     free(tot);
-    free(part);
 }
 
 /* dL/dx of a channel group from its direct gradient and the summed BN backward of all its
@@ -234,30 +222,25 @@ void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
     double *part = partials_new(nt, 2 * k);
 #pragma omp parallel num_threads(nt)
     {
-        double *sp = part + (i64)omp_get_thread_num() * 2 * k, *sq = sp + k;
+        double *s = part + (i64)omp_get_thread_num() * 2 * k;
         T *restrict bp = (T *)calloc(2 * k, sizeof(T)), *restrict bq = bp + k;
         i64 rows = 0;
 #pragma omp for schedule(static)
         for (i64 m = 0; m < M; m++) {
             const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;
             for (i64 j = 0; j < k; j++) { bp[j] += gr[j]; bq[j] += gr[j] * xr[j]; }
-            if (++rows == ROWS) {
-                for (i64 j = 0; j < k; j++) { sp[j] += bp[j]; sq[j] += bq[j]; bp[j] = bq[j] = 0; }
-                rows = 0;
-            }
+            if (++rows % ROWS == 0) SUF(add_block)(s, bp, 2 * k);
         }
-        for (i64 j = 0; j < k; j++) { sp[j] += bp[j]; sq[j] += bq[j]; }
+        SUF(add_block)(s, bp, 2 * k);
         free(bp);
     }
-    double *tot = (double *)malloc(2 * k * sizeof(double));
-    partials_sum(part, nt, 2 * k, tot);
+    double *tot = partials_total(part, nt, 2 * k);
     T *coef = (T *)malloc(2 * k * sizeof(T)), *pm = coef + k;
     for (i64 j = 0; j < k; j++) {
         pm[j] = (T)(tot[j] / (double)M);
         coef[j] = (T)(tot[k + j] / (double)M);
     }
     free(tot);
-    free(part);
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 m = 0; m < M; m++) {
         const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;

@@ -35,16 +35,57 @@ def _colsum(x):
     return tl.reduce(x, 0, tl.standard._sum_combine)
 
 
+# --- tiles: the shared indexing, loads and stores --------------------------------------------
+@triton.jit
+def _tile(pid_m, pid_c, M, C, BM: tl.constexpr, BC: tl.constexpr):
+    """Rows and columns of tile (pid_m, pid_c) of an [M, C] matrix: (rows, cols, column mask,
+    tile mask)."""
+    rm = pid_m * BM + tl.arange(0, BM)
+    rc = pid_c * BC + tl.arange(0, BC)
+    cmask = rc < C
+    return rm, rc, cmask, (rm < M)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _load(ptr, ld, rm, rc, mask):
+    """A tile of a row-major matrix view with row stride ``ld``, zero outside ``mask``."""
+    return tl.load(ptr + rm[:, None] * ld + rc[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(ptr, ld, rm, rc, v, mask):
+    tl.store(ptr + rm[:, None] * ld + rc[None, :], v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _col(ptr, rc, cmask):
+    """Per-column values (a statistic, an affine parameter) as float32."""
+    return tl.load(ptr + rc, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _normalised(x, rc, cmask, mean_ptr, invstd_ptr):
+    """(x - mean) * invstd per column."""
+    return (x - _col(mean_ptr, rc, cmask)[None, :]) * _col(invstd_ptr, rc, cmask)[None, :]
+
+
 @triton.jit
 def _bn_relu_tile(x, cols, cmask, mean_ptr, invstd_ptr, g_ptr, b_ptr):
     """relu(gamma * (x - mean) * invstd + beta) in float32, as scale/shift per column."""
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    inv = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    s = g * inv
-    t = b - mean * s
+    s = _col(g_ptr, cols, cmask) * _col(invstd_ptr, cols, cmask)
+    t = _col(b_ptr, cols, cmask) - _col(mean_ptr, cols, cmask) * s
     return tl.maximum(x.to(tl.float32) * s[None, :] + t[None, :], 0.0)
+
+
+@triton.jit
+def _partials(v, tmask, pid_m, M, C, rc, cmask, psum_ptr, pm2_ptr, BM: tl.constexpr):
+    """This row tile's (sum, M2) of the columns of v (float32, zero outside ``tmask``), for
+    :func:`_stats_finalize` to combine."""
+    cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
+    s = _colsum(v)
+    d = tl.where(tmask, v - (s / cnt)[None, :], 0.0)
+    tl.store(psum_ptr + pid_m * C + rc, s, mask=cmask)
+    tl.store(pm2_ptr + pid_m * C + rc, _colsum(d * d), mask=cmask)
 
 
 @triton.jit
@@ -59,37 +100,32 @@ def _mma(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return acc + tl.dot(a, b)
 
 
+# --- the bottleneck GEMMs with the BN1-ReLU prologue -----------------------------------------
 @triton.jit
 def _gemm_bnrelu_fwd(x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_ptr, w_ptr, sw_n, sw_k,
                      z_ptr, ldz, psum_ptr, pm2_ptr, M, N, K,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      STATS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """z[M, N] = relu(BN1(x[M, K])) @ w[N, K]^T; with STATS, per-row-tile (sum, M2) of z."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mmask, nmask = rm < M, rn < N
+    pid_m = tl.program_id(0)
+    rm, rn, nmask, zmask = _tile(pid_m, tl.program_id(1), M, N, BM, BN)
+    mmask = rm < M
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < K
         xmask = mmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rm[:, None] * ldx + rk[None, :], mask=xmask, other=0.0)
+        x = _load(x_ptr, ldx, rm, rk, xmask)
         a = _bn_relu_tile(x, rk, kmask, mean_ptr, invstd_ptr, g_ptr, b_ptr)
         a = tl.where(xmask, a, 0.0).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + rk[:, None] * sw_k + rn[None, :] * sw_n,
                     mask=kmask[:, None] & nmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         acc = _mma(acc, a, w, IEEE, UPCAST)
-    zmask = mmask[:, None] & nmask[None, :]
     z = acc.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rm[:, None] * ldz + rn[None, :], z, mask=zmask)
+    _store(z_ptr, ldz, rm, rn, z, zmask)
     if STATS:  # statistics of the stored (rounded) values, which BN2 normalises
         zf = tl.where(zmask, z.to(tl.float32), 0.0)
-        cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
-        s = _colsum(zf)
-        d = tl.where(zmask, zf - (s / cnt)[None, :], 0.0)
-        tl.store(psum_ptr + pid_m * N + rn, s, mask=nmask)
-        tl.store(pm2_ptr + pid_m * N + rn, _colsum(d * d), mask=nmask)
+        _partials(zf, zmask, pid_m, M, N, rn, nmask, psum_ptr, pm2_ptr, BM)
 
 
 @triton.jit
@@ -104,36 +140,28 @@ def _gemm_bnrelu_dgrad(dz_ptr, lddz, w_ptr, sw_n, sw_k, da_ptr, ldda,
     da = dz[M, N] @ w[N, K] (GEMM) or read from ``da_ptr``; then dy = da * (a > 0),
     g_sum (+)= gamma * dy, and per-row-tile partials of dgamma = sum(dy * xhat), dbeta = sum(dy).
     """
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
-    mmask, kmask = rm < M, rk < K
-    tmask = mmask[:, None] & kmask[None, :]
+    pid_m = tl.program_id(0)
+    rm, rk, kmask, tmask = _tile(pid_m, tl.program_id(1), M, K, BM, BK)
+    mmask = rm < M
     if GEMM:
         da = tl.full((BM, BK), 0.0, tl.float32)
         for n0 in range(0, N, BN):
             rn = n0 + tl.arange(0, BN)
             nmask = rn < N
-            dz = tl.load(dz_ptr + rm[:, None] * lddz + rn[None, :],
-                         mask=mmask[:, None] & nmask[None, :], other=0.0)
+            dz = _load(dz_ptr, lddz, rm, rn, mmask[:, None] & nmask[None, :])
             w = tl.load(w_ptr + rn[:, None] * sw_n + rk[None, :] * sw_k,
                         mask=nmask[:, None] & kmask[None, :], other=0.0).to(dz.dtype)
             da = _mma(da, dz, w, IEEE, UPCAST)
     else:
-        da = tl.load(da_ptr + rm[:, None] * ldda + rk[None, :], mask=tmask,
-                     other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + rm[:, None] * ldx + rk[None, :], mask=tmask, other=0.0).to(tl.float32)
+        da = _load(da_ptr, ldda, rm, rk, tmask).to(tl.float32)
+    x = _load(x_ptr, ldx, rm, rk, tmask).to(tl.float32)
     a = _bn_relu_tile(x, rk, kmask, mean_ptr, invstd_ptr, g_ptr, b_ptr)
     dy = tl.where(tmask & (a > 0.0), da, 0.0)
-    g = tl.load(g_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
-    gs_ptrs = gsum_ptr + rm[:, None] * ldg + rk[None, :]
+    gdy = _col(g_ptr, rk, kmask)[None, :] * dy
     if ACCUMULATE:
-        tl.store(gs_ptrs, tl.load(gs_ptrs, mask=tmask, other=0.0) + g[None, :] * dy, mask=tmask)
-    else:
-        tl.store(gs_ptrs, g[None, :] * dy, mask=tmask)
-    mean = tl.load(mean_ptr + rk, mask=kmask, other=0.0)
-    inv = tl.load(invstd_ptr + rk, mask=kmask, other=0.0)
-    xhat = (x - mean[None, :]) * inv[None, :]
+        gdy += _load(gsum_ptr, ldg, rm, rk, tmask)
+    _store(gsum_ptr, ldg, rm, rk, gdy, tmask)
+    xhat = _normalised(x, rk, kmask, mean_ptr, invstd_ptr)
     tl.store(pdg_ptr + pid_m * K + rk, _colsum(dy * xhat), mask=kmask)
     tl.store(pdb_ptr + pid_m * K + rk, _colsum(dy), mask=kmask)
 
@@ -144,46 +172,35 @@ def _gemm_bnrelu_wgrad(dz_ptr, lddz, x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
                        UPCAST: tl.constexpr):
     """Split-M partials of dw[N, K] = dz[M, N]^T @ relu(BN1(x[M, K])), float32 [S, N, K]."""
-    pid_n, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = pid_k * BK + tl.arange(0, BK)
-    nmask, kmask = rn < N, rk < K
+    pid_s = tl.program_id(2)
+    rn, rk, kmask, wmask = _tile(tl.program_id(0), tl.program_id(1), N, K, BN, BK)
+    nmask = rn < N
     acc = tl.full((BN, BK), 0.0, tl.float32)
     start = pid_s * rows_per_split
     for m0 in range(start, start + rows_per_split, BM):
         rm = m0 + tl.arange(0, BM)
         mmask = rm < M
-        dz = tl.load(dz_ptr + rm[:, None] * lddz + rn[None, :],
-                     mask=mmask[:, None] & nmask[None, :], other=0.0)
+        dz = _load(dz_ptr, lddz, rm, rn, mmask[:, None] & nmask[None, :])
         xmask = mmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rm[:, None] * ldx + rk[None, :], mask=xmask, other=0.0)
+        x = _load(x_ptr, ldx, rm, rk, xmask)
         a = _bn_relu_tile(x, rk, kmask, mean_ptr, invstd_ptr, g_ptr, b_ptr)
         a = tl.where(xmask, a, 0.0).to(dz.dtype)
         acc = _mma(acc, tl.trans(dz), a, IEEE, UPCAST)
-    tl.store(pdw_ptr + pid_s * N * K + rn[:, None] * K + rk[None, :], acc,
-             mask=nmask[:, None] & kmask[None, :])
+    _store(pdw_ptr + pid_s * N * K, K, rn, rk, acc, wmask)
 
 
+# --- statistics and the elementwise passes ----------------------------------------------------
 @triton.jit
 def _col_stats(src_ptr, lds, dst_ptr, ldd, psum_ptr, pm2_ptr, M, C,
                BM: tl.constexpr, BC: tl.constexpr, COPY: tl.constexpr):
     """Per-row-tile (sum, M2) of the columns of src [M, C]; with COPY also dst = src."""
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rc = pid_c * BC + tl.arange(0, BC)
-    cmask = rc < C
-    tmask = (rm < M)[:, None] & cmask[None, :]
-    v = tl.load(src_ptr + rm[:, None] * lds + rc[None, :], mask=tmask, other=0.0)
+    pid_m = tl.program_id(0)
+    rm, rc, cmask, tmask = _tile(pid_m, tl.program_id(1), M, C, BM, BC)
+    v = _load(src_ptr, lds, rm, rc, tmask)
     if COPY:
-        tl.store(dst_ptr + rm[:, None] * ldd + rc[None, :], v.to(dst_ptr.dtype.element_ty),
-                 mask=tmask)
+        _store(dst_ptr, ldd, rm, rc, v, tmask)
         v = v.to(dst_ptr.dtype.element_ty)
-    vf = v.to(tl.float32)
-    cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
-    s = _colsum(vf)
-    d = tl.where(tmask, vf - (s / cnt)[None, :], 0.0)
-    tl.store(psum_ptr + pid_m * C + rc, s, mask=cmask)
-    tl.store(pm2_ptr + pid_m * C + rc, _colsum(d * d), mask=cmask)
+    _partials(v.to(tl.float32), tmask, pid_m, M, C, rc, cmask, psum_ptr, pm2_ptr, BM)
 
 
 @triton.jit
@@ -195,8 +212,7 @@ def _stats_finalize(psum_ptr, pm2_ptr, mean_ptr, var_ptr, invstd_ptr, T, M, C, e
     total = tl.full((BC,), 0.0, tl.float32)
     for t0 in range(0, T, BT):
         rt = t0 + tl.arange(0, BT)
-        total += _colsum(tl.load(psum_ptr + rt[:, None] * C + rc[None, :],
-                                mask=(rt < T)[:, None] & cmask[None, :], other=0.0))
+        total += _colsum(_load(psum_ptr, C, rt, rc, (rt < T)[:, None] & cmask[None, :]))
     mean = total / M
     m2 = tl.full((BC,), 0.0, tl.float32)
     for t0 in range(0, T, BT):
@@ -204,9 +220,8 @@ def _stats_finalize(psum_ptr, pm2_ptr, mean_ptr, var_ptr, invstd_ptr, T, M, C, e
         pmask = (rt < T)[:, None] & cmask[None, :]
         cnt = tl.minimum(M - rt * TILE, TILE).to(tl.float32)
         cnt = tl.where(rt < T, cnt, 1.0)
-        s = tl.load(psum_ptr + rt[:, None] * C + rc[None, :], mask=pmask, other=0.0)
-        q = tl.load(pm2_ptr + rt[:, None] * C + rc[None, :], mask=pmask, other=0.0)
-        d = s / cnt[:, None] - mean[None, :]
+        d = _load(psum_ptr, C, rt, rc, pmask) / cnt[:, None] - mean[None, :]
+        q = _load(pm2_ptr, C, rt, rc, pmask)
         m2 += _colsum(tl.where(pmask, q + cnt[:, None] * d * d, 0.0))
     var = m2 / M
     tl.store(mean_ptr + rc, mean, mask=cmask)
@@ -218,36 +233,34 @@ def _stats_finalize(psum_ptr, pm2_ptr, mean_ptr, var_ptr, invstd_ptr, T, M, C, e
 def _bn_relu_apply(x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_ptr, out_ptr, ldo, M, C,
                    BM: tl.constexpr, BC: tl.constexpr):
     """out = relu(BN(x)) with the given statistics and affine."""
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rc = pid_c * BC + tl.arange(0, BC)
-    cmask = rc < C
-    tmask = (rm < M)[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rm[:, None] * ldx + rc[None, :], mask=tmask, other=0.0)
-    a = _bn_relu_tile(x, rc, cmask, mean_ptr, invstd_ptr, g_ptr, b_ptr)
-    tl.store(out_ptr + rm[:, None] * ldo + rc[None, :], a.to(out_ptr.dtype.element_ty),
-             mask=tmask)
+    rm, rc, cmask, tmask = _tile(tl.program_id(0), tl.program_id(1), M, C, BM, BC)
+    x = _load(x_ptr, ldx, rm, rc, tmask)
+    _store(out_ptr, ldo, rm, rc, _bn_relu_tile(x, rc, cmask, mean_ptr, invstd_ptr, g_ptr, b_ptr),
+           tmask)
+
+
+@triton.jit
+def _bn_bwd_tile(dy_ptr, lddy, x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_ptr, M, C,
+                 BM: tl.constexpr, BC: tl.constexpr, MASK: tl.constexpr):
+    """What both passes of BN's backward read: this program's tile, dy (masked by
+    relu(BN(x)) > 0 with MASK, for a ReLU after the BN) and xhat = (x - mean) * invstd."""
+    rm, rc, cmask, tmask = _tile(tl.program_id(0), tl.program_id(1), M, C, BM, BC)
+    dy = _load(dy_ptr, lddy, rm, rc, tmask).to(tl.float32)
+    x = _load(x_ptr, ldx, rm, rc, tmask).to(tl.float32)
+    if MASK:
+        dy = tl.where(_bn_relu_tile(x, rc, cmask, mean_ptr, invstd_ptr, g_ptr, b_ptr) > 0.0,
+                      dy, 0.0)
+    xhat = tl.where(tmask, _normalised(x, rc, cmask, mean_ptr, invstd_ptr), 0.0)
+    return rm, rc, cmask, tmask, dy, xhat
 
 
 @triton.jit
 def _bn_bwd_reduce(dy_ptr, lddy, x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_ptr,
                    pa_ptr, pb_ptr, M, C, BM: tl.constexpr, BC: tl.constexpr, MASK: tl.constexpr):
-    """Per-row-tile partials of sum(dy) and sum(dy * xhat), xhat = (x - mean) * invstd; with
-    MASK, dy is first masked by relu(BN(x)) > 0 (the ReLU after the BN)."""
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rc = pid_c * BC + tl.arange(0, BC)
-    cmask = rc < C
-    tmask = (rm < M)[:, None] & cmask[None, :]
-    dy = tl.load(dy_ptr + rm[:, None] * lddy + rc[None, :], mask=tmask, other=0.0)
-    dy = dy.to(tl.float32)
-    x = tl.load(x_ptr + rm[:, None] * ldx + rc[None, :], mask=tmask, other=0.0).to(tl.float32)
-    if MASK:
-        dy = tl.where(_bn_relu_tile(x, rc, cmask, mean_ptr, invstd_ptr, g_ptr, b_ptr) > 0.0,
-                      dy, 0.0)
-    mean = tl.load(mean_ptr + rc, mask=cmask, other=0.0)
-    inv = tl.load(invstd_ptr + rc, mask=cmask, other=0.0)
-    xhat = tl.where(tmask, (x - mean[None, :]) * inv[None, :], 0.0)
+    """Per-row-tile partials of sum(dy) and sum(dy * xhat) (see :func:`_bn_bwd_tile`)."""
+    _, rc, cmask, _, dy, xhat = _bn_bwd_tile(dy_ptr, lddy, x_ptr, ldx, mean_ptr, invstd_ptr,
+                                             g_ptr, b_ptr, M, C, BM, BC, MASK)
+    pid_m = tl.program_id(0)
     tl.store(pa_ptr + pid_m * C + rc, _colsum(dy), mask=cmask)
     tl.store(pb_ptr + pid_m * C + rc, _colsum(dy * xhat), mask=cmask)
 
@@ -258,26 +271,10 @@ def _bn_bwd_apply(dy_ptr, lddy, x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_ptr,
                   BM: tl.constexpr, BC: tl.constexpr, MASK: tl.constexpr,
                   DIRECT: tl.constexpr):
     """out = [direct +] coef * (dy - sa - xhat * sb) per column (BN's input gradient)."""
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rc = pid_c * BC + tl.arange(0, BC)
-    cmask = rc < C
-    tmask = (rm < M)[:, None] & cmask[None, :]
-    dy = tl.load(dy_ptr + rm[:, None] * lddy + rc[None, :], mask=tmask, other=0.0)
-    dy = dy.to(tl.float32)
-    x = tl.load(x_ptr + rm[:, None] * ldx + rc[None, :], mask=tmask, other=0.0).to(tl.float32)
-    if MASK:
-        dy = tl.where(_bn_relu_tile(x, rc, cmask, mean_ptr, invstd_ptr, g_ptr, b_ptr) > 0.0,
-                      dy, 0.0)
-    mean = tl.load(mean_ptr + rc, mask=cmask, other=0.0)
-    inv = tl.load(invstd_ptr + rc, mask=cmask, other=0.0)
-    coef = tl.load(coef_ptr + rc, mask=cmask, other=0.0)
-    sa = tl.load(sa_ptr + rc, mask=cmask, other=0.0)
-    sb = tl.load(sb_ptr + rc, mask=cmask, other=0.0)
-    xhat = (x - mean[None, :]) * inv[None, :]
-    d = coef[None, :] * (dy - sa[None, :] - xhat * sb[None, :])
+    rm, rc, cmask, tmask, dy, xhat = _bn_bwd_tile(dy_ptr, lddy, x_ptr, ldx, mean_ptr,
+                                                  invstd_ptr, g_ptr, b_ptr, M, C, BM, BC, MASK)
+    d = _col(coef_ptr, rc, cmask)[None, :] * (dy - _col(sa_ptr, rc, cmask)[None, :]
+                                              - xhat * _col(sb_ptr, rc, cmask)[None, :])
     if DIRECT:
-        d += tl.load(direct_ptr + rm[:, None] * lddir + rc[None, :], mask=tmask,
-                     other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * ldo + rc[None, :], d.to(out_ptr.dtype.element_ty),
-             mask=tmask)
+        d += _load(direct_ptr, lddir, rm, rc, tmask).to(tl.float32)
+    _store(out_ptr, ldo, rm, rc, d, tmask)

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # inside pyproject's ranges works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint install dev bench clean
+.PHONY: demo test test-fast lint install dev bench gpu-preflight clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,5 +49,19 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py
 
+# Before every GPU call: the GPU image's versions in a second environment (numpy below 2.4 for
+# Triton 3.6's interpreter), every Triton kernel compiled for sm_90, the Triton and compile tests
+# under the interpreter and the GPU script's dry run; one line per check.
+GPU_VENV := .venv-gpu
+GPU_PIN ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
+$(GPU_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q $(GPU_PIN) pytest pytest-timeout
+	$(GPU_VENV)/bin/pip install -q -e . $(GPU_PIN)
+	touch $@
+
+gpu-preflight: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python benchmarks/preflight.py
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build dist src/*.egg-info

@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT_S = 300  # long enough for a slow first batch, short enough to n
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Dist:
     """This process's place in the job; ``Dist()`` is a single process (every op a no-op)."""
 
@@ -138,7 +138,8 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[D
         raise ConnectionError(f"process {rank} of {world} could not join the job ({first}); "
                               "check --rdzv-endpoint / MASTER_ADDR:MASTER_PORT and that every "
                               "node can reach it") from e
-    return Dist(rank, world, local, backend, timeout_s), device
+    return Dist(rank=rank, world_size=world, local_rank=local, backend=backend,
+                timeout_s=timeout_s), device
 
 
 _GROUPS = itertools.count()  # process groups this process joined (train, then eval, ...)

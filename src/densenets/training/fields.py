@@ -1,10 +1,10 @@
 """Each setting of a training run declared once: its default, its flag, its check.
 
-A field of :class:`~densenets.training.recipes.TrainConfig` is declared with :func:`setting`;
+A field of :class:`~densenets.training.config.TrainConfig` is declared with :func:`setting`;
 everything else is read from that declaration: the command line's flags (built by the CLI from
 :func:`flagged`), the overrides :func:`~densenets.training.recipes.resolve` accepts,
 ``config.json`` (the dataclass itself), the value checks (:func:`check_fields`) and which
-fields a resumed run may change (:func:`resumable`). Adding a field is one line here.
+fields a resumed run may change (:func:`resumable`). Adding a field is one declaration there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import KW_ONLY, MISSING, dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Check:
     """A condition on one value and what the error says when it fails (``must be >= 1``)."""
 
@@ -26,15 +26,15 @@ class Check:
 
 
 def at_least(n: float, unit: str = "") -> Check:
-    return Check(lambda v: v >= n, f"must be >= {n:g}{' ' + unit if unit else ''}")
+    return Check(ok=lambda v: v >= n, says=f"must be >= {n:g}{' ' + unit if unit else ''}")
 
 
 def above(n: float) -> Check:
-    return Check(lambda v: v > n, f"must be > {n:g}")
+    return Check(ok=lambda v: v > n, says=f"must be > {n:g}")
 
 
-FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
-PROBABILITY = Check(lambda v: 0 <= v <= 1, "is a probability in [0, 1]")
+FRACTION = Check(ok=lambda v: 0 <= v < 1, says="must be in [0, 1)")
+PROBABILITY = Check(ok=lambda v: 0 <= v <= 1, says="is a probability in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None,
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Flagged:
     """One field that has a flag, with what argparse needs to declare it."""
 
@@ -104,7 +104,7 @@ def flagged(cls: type) -> list[Flagged]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("flag") is not None:
             kind, optional = _plain_type(hints[f.name])
-            out.append(Flagged(f.name, f.metadata["flag"], kind, optional))
+            out.append(Flagged(name=f.name, flag=f.metadata["flag"], type=kind, optional=optional))
     return out
 
 

@@ -377,4 +377,5 @@ class Trainer(Resumable, StopOnSignal):
 
     def _result(self, status: str, exit_code: int, summary: dict | None = None) -> FitResult:
         summary = self.summary() if summary is None else summary
-        return FitResult(status, exit_code, summary, self.dist.is_main)
+        return FitResult(status=status, exit_code=exit_code, summary=summary,
+                         is_main=self.dist.is_main)

@@ -58,5 +58,6 @@ class Schedule:
 
 def schedule_of(cfg: Any) -> Schedule:
     """The schedule a :class:`~densenets.training.recipes.TrainConfig` describes."""
-    return Schedule(cfg.lr, list(cfg.milestones), cfg.gamma, cfg.schedule, cfg.epochs,
-                    cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr)
+    return Schedule(lr=cfg.lr, milestones=list(cfg.milestones), gamma=cfg.gamma,
+                    kind=cfg.schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                    warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)

@@ -1,5 +1,5 @@
 """The Triton kernels of the memory-efficient blocks on a CUDA GPU: parity, then ours against
-torchvision in the same run, for the targets of the GPU-kernels issue.
+torchvision in the same run, against the targets set for them.
 
     python benchmarks/gpu_kernels.py [--out DIR] [--steps 20] [--budget-s 480]
     python benchmarks/gpu_kernels.py --dry-run     # any CPU: Triton's interpreter, tiny shapes
@@ -7,18 +7,16 @@ torchvision in the same run, for the targets of the GPU-kernels issue.
 1. Parity (exits 1 at the end if any fails): float32 through the Triton kernels against the
    float64 plain model (outputs, every gradient, parameters and running statistics after 2 SGD
    steps; with and without bottleneck, both layouts, dropout), bfloat16 autocast as close to
-   float64 as torchvision-style plain autocast, and a torch.compile'd training step with no graph
-   break equal to the eager one.
-2. Speed, ours (memory-efficient, Triton) against torchvision plain and memory_efficient on the
-   same configuration; the models take turns step by step in one process (median of --steps
-   after --warmup). Peak memory (torch.cuda.max_memory_allocated) of each from its own process.
-   Eager DenseNet-121 (224, batch 256, bf16, channels_last) and DenseNet-BC-250 k=24 (32x32,
-   batch 64); DenseNet-BC-100 k=12 (batch 64) replayed as CUDA graphs on both sides;
-   DenseNet-121 torch.compile'd on both sides. Ours also with DENSENETS_KERNELS=torch (the
-   PyTorch-operations path, "before").
-3. Kernel launches per training step (torch.profiler), before/after and torchvision's; the
-   DenseNet-121 training FLOP utilisation (16.8 GFLOP per 224 image against this card's measured
-   bf16 matmul peak); eval-mode images/s against torchvision's eval.
+   float64 as plain autocast, a torch.compile'd step with no graph break equal to the eager one.
+2. Speed, ours (memory-efficient, Triton) against torchvision plain and memory_efficient, taking
+   turns step by step in one process (median of --steps after --warmup); peak memory
+   (torch.cuda.max_memory_allocated) of each from its own process. Eager DenseNet-121 (224, batch
+   256, bf16, channels_last) and DenseNet-BC-250 k=24 (32x32, batch 64), ours also through the
+   PyTorch operations (the CUDA default); DenseNet-BC-100 k=12 (batch 64) as CUDA graphs and
+   DenseNet-121 torch.compile'd, on both sides. From the eager ratios the script prints the
+   default its numbers support: "cuda default supported by these numbers: torch|triton".
+3. Kernel launches per training step (torch.profiler); DenseNet-121's training FLOP utilisation
+   (16.8 GFLOP per 224 image against the measured bf16 matmul peak); eval-mode images/s.
 
 Sections run in that order until --budget-s is spent; results are written after each section
 to DIR/gpu_kernels.json and DIR/gpu_kernels.md (DIR: $OUT, else benchmarks/results).
@@ -34,12 +32,12 @@ if "--dry-run" in sys.argv:  # Triton reads this when it is imported: before tor
     os.environ["DENSENETS_KERNELS"] = "triton"
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -56,39 +54,28 @@ from densenets.analysis.bench import (  # noqa: E402
     step_stats,
     time_alternating,
 )
-from densenets.efficient.dispatch import backend  # noqa: E402
+from densenets.efficient.dispatch import CUDA_DEFAULT, backend  # noqa: E402
 
 GFLOP_PER_IMAGE = 16.8  # DenseNet-121 training step at 224: 3 x 2.8 GMACs x 2
+TRITON, TORCH = "ours (Triton)", "ours (PyTorch ops)"
 
 
-@contextlib.contextmanager
 def kernels_env(value: str | None):
     """DENSENETS_KERNELS for one side of a comparison (restored afterwards)."""
-    before = os.environ.get("DENSENETS_KERNELS")
-    if value is not None:
-        os.environ["DENSENETS_KERNELS"] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("DENSENETS_KERNELS", None)
-        else:
-            os.environ["DENSENETS_KERNELS"] = before
+    return mock.patch.dict(os.environ, {} if value is None else {"DENSENETS_KERNELS": value})
 
 
-class Side:
+def side(cfg: BenchConfig, kernels: str | None, compile_backend: str):
     """One implementation in a comparison: a TrainStep run under its own DENSENETS_KERNELS."""
+    with kernels_env(kernels):
+        step = TrainStep(replace(cfg, compile=False))
+    if cfg.compile:
+        step.fn = torch.compile(step.model, backend=compile_backend)
 
-    def __init__(self, cfg: BenchConfig, kernels: str | None, compile_backend: str) -> None:
-        self.cfg, self.kernels = cfg, kernels
+    def run() -> float:
         with kernels_env(kernels):
-            self.step = TrainStep(replace(cfg, compile=False))
-        if cfg.compile:
-            self.step.fn = torch.compile(self.step.model, backend=compile_backend)
-
-    def __call__(self) -> float:
-        with kernels_env(self.kernels):
-            return self.step()
+            return step()
+    return run
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -179,7 +166,8 @@ def parity(dev, compile_backend: str) -> dict:
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        return _parity(dev, compile_backend)
+        with kernels_env("triton"):
+            return _parity(dev, compile_backend)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
@@ -204,7 +192,7 @@ def _parity(dev, compile_backend: str) -> dict:
 def compare(base: BenchConfig, sides: dict, steps: int, warmup: int, compile_backend: str,
             memory: bool) -> dict:
     """Speed of every side in one process (taking turns), then each peak from its own."""
-    runners = {name: Side(replace(base, **over), kernels, compile_backend)
+    runners = {name: side(replace(base, **over), kernels, compile_backend)
                for name, (over, kernels) in sides.items()}
     times = time_alternating(runners, steps, warmup)
     out = {}
@@ -231,11 +219,11 @@ def ratios(res: dict, ours: str, speed_vs: str, memory_vs: str | None) -> dict:
 
 
 def targets(dry: bool) -> list[dict]:
-    """The issue's target configurations (a tiny stand-in for each in a dry run)."""
+    """The target configurations (a tiny stand-in for each in a dry run)."""
     amp = dict(amp=True, channels_last=True)
     if dry:
-        t = dict(model="densenet-bc-10-k4", batch_size=4, input_size=8, device="cpu", **amp)
-        big, cifar, small = t, t, t
+        big = cifar = small = dict(model="densenet-bc-10-k4", batch_size=4, input_size=8,
+                                   device="cpu", **amp)
     else:
         big = dict(model="densenet121", batch_size=256, input_size=224, device="cuda", **amp)
         cifar = dict(model="densenet-bc-250-k24", batch_size=64, input_size=32, device="cuda",
@@ -247,19 +235,19 @@ def targets(dry: bool) -> list[dict]:
     return [
         {"name": "DenseNet-121 eager", "base": big, "speed_vs": "torchvision plain",
          "memory_vs": "torchvision memory_efficient", "speed_target": 1.25, "peak_target": 0.8,
-         "sides": {"ours (Triton)": (ours, None), "ours (PyTorch ops)": (ours, "torch"),
+         "sides": {TRITON: (ours, "triton"), TORCH: (ours, "torch"),
                    "torchvision plain": (tv, None), "torchvision memory_efficient": (tv_me, None)}},
         {"name": "DenseNet-BC-250 k=24 eager", "base": cifar, "speed_vs": "torchvision plain",
          "memory_vs": "torchvision memory_efficient", "speed_target": 1.0, "peak_target": 0.8,
-         "sides": {"ours (Triton)": (ours, None), "torchvision plain": (tv, None),
-                   "torchvision memory_efficient": (tv_me, None)}},
+         "sides": {TRITON: (ours, "triton"), TORCH: (ours, "torch"),
+                   "torchvision plain": (tv, None), "torchvision memory_efficient": (tv_me, None)}},
         {"name": "DenseNet-BC-100 k=12 CUDA graphs", "base": small, "cuda_only": True,
          "speed_vs": "torchvision plain", "memory_vs": None, "speed_target": 1.0,
-         "sides": {"ours (Triton)": (dict(ours, cuda_graphs=True, warmup=3), None),
+         "sides": {TRITON: (dict(ours, cuda_graphs=True, warmup=3), "triton"),
                    "torchvision plain": (dict(tv, cuda_graphs=True, warmup=3), None)}},
         {"name": "DenseNet-121 torch.compile", "base": big, "speed_vs": "torchvision plain",
          "memory_vs": None, "speed_target": 1.0,
-         "sides": {"ours (Triton)": (dict(ours, compile=True), None),
+         "sides": {TRITON: (dict(ours, compile=True), "triton"),
                    "torchvision plain": (dict(tv, compile=True), None)}},
     ]
 
@@ -270,43 +258,49 @@ def kernel_counts(base: BenchConfig) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     counts = {}
-    for name, over, kernels in [("ours (Triton)", dict(impl="densenets", memory_efficient=True),
-                                 None),
-                                ("ours (PyTorch ops)", dict(impl="densenets",
-                                                            memory_efficient=True), "torch"),
+    cuda = torch.cuda.is_available()
+    ours = dict(impl="densenets", memory_efficient=True)
+    for name, over, kernels in [(TRITON, ours, "triton"), (TORCH, ours, "torch"),
                                 ("torchvision plain", dict(impl="torchvision"), None)]:
-        side = Side(replace(base, **over), kernels, "inductor")
-        side()
-        side()
-        cuda = torch.cuda.is_available()
-        acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-        with profile(activities=acts) as prof:
-            side()
-        events = prof.events()
-        if cuda:
-            n = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        else:
-            n = sum(1 for e in events if e.cpu_parent is None)
-        counts[name] = n
-    return {"what": "CUDA kernels per step" if torch.cuda.is_available()
-            else "top-level CPU operators per step", "counts": counts}
+        step = side(replace(base, **over), kernels, "inductor")
+        for _ in range(2):
+            step()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            step()
+        counts[name] = sum(1 for e in prof.events() if (
+            e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.cpu_parent is None))
+    return {"what": "CUDA kernels per step" if cuda else "top-level CPU operators per step",
+            "counts": counts}
 
 
-def matmul_peak_tflops(dev) -> float:
-    n = 8192 if dev.type == "cuda" else 512
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    reps = 20 if dev.type == "cuda" else 2
+def timed(dev, fn, reps: int = 1) -> float:
+    """Seconds for ``reps`` calls of fn, the device's queue drained before and after."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        fn()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    return time.perf_counter() - start
+
+
+def matmul_peak_tflops(dev) -> float:
+    cuda = dev.type == "cuda"
+    n, reps = (8192, 20) if cuda else (512, 2)
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
+            for _ in range(2))
+    timed(dev, lambda: a @ b, 3)
+    return 2 * n**3 * reps / timed(dev, lambda: a @ b, reps) / 1e12
+
+
+def flop_utilisation(dev, results: dict) -> dict:
+    """DenseNet-121's training TFLOP/s (first comparison) against the measured matmul peak."""
+    util = {"matmul_peak_tflops": matmul_peak_tflops(dev)}
+    for name, r in results["comparisons"][0].get("results", {}).items():
+        tflops = GFLOP_PER_IMAGE * r["images_per_s"] / 1e3
+        util[name] = {"tflops": tflops, "utilisation": tflops / util["matmul_peak_tflops"]}
+    return util
 
 
 def eval_speed(base: BenchConfig, steps: int) -> dict:
@@ -320,22 +314,30 @@ def eval_speed(base: BenchConfig, steps: int) -> dict:
     for impl in ("densenets", "torchvision"):
         model = build_model(replace(base, impl=impl, memory_efficient=impl == "densenets"))
         model = model.to(dev).eval().to(memory_format=fmt)
-        times = []
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            for i in range(steps + 3):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                model(x)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= 3:
-                    times.append(time.perf_counter() - t)
+            times = [timed(dev, lambda m=model: m(x)) for _ in range(steps + 3)][3:]
         out[impl] = step_stats(times, base.batch_size)["images_per_s"]
     return out
 
 
 # --- report ----------------------------------------------------------------------------------
+def supported_default(results: dict) -> dict:
+    """The CUDA default these numbers support: the Triton kernels only when their parity passed
+    and they trained faster than the PyTorch operations in every comparison measuring both."""
+    failed = [k for k, c in results.get("parity", {}).items() if not c["ok"]]
+    speed = {t["name"]: t["results"][TRITON]["images_per_s"] / t["results"][TORCH]["images_per_s"]
+             for t in results["comparisons"] if {TRITON, TORCH} <= set(t.get("results", {}))}
+    if failed:
+        why = f"Triton parity failed: {failed}"
+    elif not speed:
+        why = "no comparison measured both paths"
+    else:
+        why = "Triton/PyTorch-ops training speed: " + ", ".join(
+            f"{name} {x:.2f}x" for name, x in speed.items())
+    kernels = "triton" if speed and not failed and min(speed.values()) > 1 else "torch"
+    return {"kernels": kernels, "why": why, "dispatch.CUDA_DEFAULT": CUDA_DEFAULT}
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     machine = env.get("gpu", env.get("cpu", "?"))
@@ -362,6 +364,9 @@ def markdown(results: dict) -> str:
                          + ")")
         if "skipped" in t:
             lines.append(f"skipped: {t['skipped']}")
+    if d := results.get("cuda_default"):
+        lines += ["", f"cuda default supported by these numbers: {d['kernels']} ({d['why']}; "
+                  f"dispatch.CUDA_DEFAULT is {d['dispatch.CUDA_DEFAULT']})"]
     for key in ("kernels", "flop_utilisation", "eval_images_per_s"):
         if key in results:
             lines += ["", f"## {key}", "", "```", json.dumps(results[key], indent=1), "```"]
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     results: dict = {"dry_run": dry, "environment": environment(dev), "triton":
-                     triton.__version__, "backend": backend(dev, torch.bfloat16),
+                     triton.__version__, "default_backend": backend(dev, torch.bfloat16),
                      "comparisons": []}
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -419,27 +424,21 @@ def main(argv: list[str] | None = None) -> int:
             memory = t["memory_vs"] is not None
             res = compare(base, t["sides"], steps, warmup, compile_backend, memory)
             entry["results"] = res
-            entry["ratios"] = ratios(res, "ours (Triton)", t["speed_vs"], t["memory_vs"])
+            entry["ratios"] = ratios(res, TRITON, t["speed_vs"], t["memory_vs"])
             print(f"{t['name']}: {entry['ratios']}", flush=True)
+        results["cuda_default"] = supported_default(results)
         save()
     big = BenchConfig(**targets(dry)[0]["base"], steps=steps, warmup=warmup)
-    if left():
-        results["kernels"] = kernel_counts(big)
-        save()
-    if left():
-        peak = matmul_peak_tflops(dev)
-        util = {"matmul_peak_tflops": peak}
-        first = results["comparisons"][0].get("results", {})
-        for name in ("ours (Triton)", "torchvision plain"):
-            if name in first:
-                tflops = GFLOP_PER_IMAGE * first[name]["images_per_s"] / 1e3
-                util[name] = {"tflops": tflops, "utilisation": tflops / peak}
-        results["flop_utilisation"] = util
-        save()
-    if left():
-        results["eval_images_per_s"] = eval_speed(big, steps)
-        save()
+    for key, section in [("kernels", lambda: kernel_counts(big)),
+                         ("flop_utilisation", lambda: flop_utilisation(dev, results)),
+                         ("eval_images_per_s", lambda: eval_speed(big, steps))]:
+        if left():
+            results[key] = section()
+            save()
     failed = [k for k, c in results["parity"].items() if not c["ok"]]
+    d = results["cuda_default"]
+    print(f"cuda default supported by these numbers: {d['kernels']} ({d['why']})"
+          f"{' [dry run: no meaningful numbers]' if dry else ''}")
     print(f"wrote {args.out / 'gpu_kernels.md'}; parity: {len(failed)} failed "
           f"({time.perf_counter() - start:.0f} s)")
     return 1 if failed else 0

@@ -101,6 +101,19 @@ def test_training_matches_plain_model(variant, backend):
     assert_same_training(plain, efficient, inputs(cfg["stem"]))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_default_trains_like_plain_model(channels_last, monkeypatch):
+    """On a GPU, float64 through the PyTorch operations (the path every CUDA float64 block
+    takes) against the plain model there, with dropout, to the same tolerance as on a CPU."""
+    monkeypatch.delenv("DENSENETS_KERNELS", raising=False)
+    assert eff.backend("cuda", torch.float64) == "torch"
+    plain, efficient = (m.cuda() for m in make_pair(bottleneck=True, stem="cifar",
+                                                   drop_rate=0.2))
+    xs = [x.cuda() for x in inputs("cifar", channels_last=channels_last)]
+    assert_same_training(plain, efficient, xs, seed=3)
+
+
 def test_channels_last_matches_and_keeps_layout(backend):
     plain, efficient = make_pair(bottleneck=True, stem="cifar", growth_rate=5)
     x = inputs("cifar", channels_last=True)

@@ -70,11 +70,13 @@ void SUF(bn_relu)(i64 M, i64 c, const T *restrict x, i64 ldx, const T *restrict 
     }
 }
 
-/* Backward of a = relu(x * g + b) for one reader of the prefix: dy = da where the recomputed
- * pre-activation is positive; dgamma = sum(dy * x), dbeta = sum(dy); G = (G +) g * dy. */
-void SUF(bn_relu_backward)(i64 M, i64 c, const T *restrict da, i64 ldd, const T *restrict x,
-                           i64 ldx, const T *restrict g, const T *restrict b, T *restrict G,
-                           i64 ldg, int accumulate, T *dgamma, T *dbeta, int nt) {
+/* The column sums of a BN affine + ReLU's backward, a = relu(x * g + b): with dy = d where the
+ * recomputed pre-activation is positive, dgamma = sum(dy * x) then dbeta = sum(dy), 2c doubles
+ * (the caller frees them); with G != NULL, also G = (G +) g * dy. The compiler unswitches the
+ * loop-invariant branches. */
+static double *SUF(relu_sums)(i64 M, i64 c, const T *restrict d, i64 ldd, const T *restrict x,
+                              i64 ldx, const T *restrict g, const T *restrict b,
+                              T *restrict G, i64 ldg, int accumulate, int nt) {
     double *part = partials_new(nt, 2 * c);
 #pragma omp parallel num_threads(nt)
     {
@@ -83,21 +85,29 @@ void SUF(bn_relu_backward)(i64 M, i64 c, const T *restrict da, i64 ldd, const T 
         i64 rows = 0;
 #pragma omp for schedule(static)
         for (i64 m = 0; m < M; m++) {
-            const T *restrict dr = da + m * ldd, *restrict xr = x + m * ldx;
-            T *restrict gr = G + m * ldg;
-            for (i64 j = 0; j < c; j++) {  /* the compiler unswitches `accumulate` */
+            const T *restrict dr = d + m * ldd, *restrict xr = x + m * ldx;
+            T *restrict gr = G ? G + m * ldg : NULL;
+            for (i64 j = 0; j < c; j++) {
                 T y = xr[j] * g[j] + b[j];
                 T dy = y <= 0 ? (T)0 : dr[j];
                 bb[j] += dy;
                 bg[j] += dy * xr[j];
-                gr[j] = (accumulate ? gr[j] : (T)0) + g[j] * dy;
+                if (gr) gr[j] = (accumulate ? gr[j] : (T)0) + g[j] * dy;
             }
-            if (++rows % ROWS == 0) SUF(add_block)(s, bg, 2 * c);
+            if (++rows == ROWS) { SUF(add_block)(s, bg, 2 * c); rows = 0; }
         }
         SUF(add_block)(s, bg, 2 * c);
         free(bg);
     }
-    double *tot = partials_total(part, nt, 2 * c);
+    return partials_total(part, nt, 2 * c);
+}
+
+/* Backward of a = relu(x * g + b) for one reader of the prefix: dgamma, dbeta, and G = (G +)
+ * g * dL/d(x * g + b). */
+void SUF(bn_relu_backward)(i64 M, i64 c, const T *restrict da, i64 ldd, const T *restrict x,
+                           i64 ldx, const T *restrict g, const T *restrict b, T *restrict G,
+                           i64 ldg, int accumulate, T *dgamma, T *dbeta, int nt) {
+    double *tot = SUF(relu_sums)(M, c, da, ldd, x, ldx, g, b, G, ldg, accumulate, nt);
     for (i64 j = 0; j < c; j++) { dgamma[j] = (T)tot[j]; dbeta[j] = (T)tot[c + j]; }
     free(tot);
 }
@@ -119,7 +129,7 @@ static void SUF(col_sums)(i64 M, i64 k, const T *restrict src, i64 lds,
             } else {
                 for (i64 j = 0; j < k; j++) blk[j] += r[j];
             }
-            if (++rows % ROWS == 0) SUF(add_block)(s, blk, k);
+            if (++rows == ROWS) { SUF(add_block)(s, blk, k); rows = 0; }
         }
         SUF(add_block)(s, blk, k);
         free(blk);
@@ -170,27 +180,7 @@ void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, do
  * g * invstd * (dy - mean(dy) - z * mean(dy * z)); dy is recomputed in both passes. */
 void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T *g,
                       const T *b, const T *invstd, T *dgamma, T *dbeta, int nt) {
-    double *part = partials_new(nt, 2 * c);
-#pragma omp parallel num_threads(nt)
-    {
-        double *s = part + (i64)omp_get_thread_num() * 2 * c;
-        T *restrict bg = (T *)calloc(2 * c, sizeof(T)), *restrict bb = bg + c;
-        i64 rows = 0;
-#pragma omp for schedule(static)
-        for (i64 m = 0; m < M; m++) {
-            const T *restrict hr = dh + m * ldh, *restrict zr = z + m * ldz;
-            for (i64 j = 0; j < c; j++) {
-                T y = zr[j] * g[j] + b[j];
-                T dy = y <= 0 ? (T)0 : hr[j];
-                bb[j] += dy;
-                bg[j] += dy * zr[j];
-            }
-            if (++rows % ROWS == 0) SUF(add_block)(s, bg, 2 * c);
-        }
-        SUF(add_block)(s, bg, 2 * c);
-        free(bg);
-    }
-    double *tot = partials_total(part, nt, 2 * c);
+    double *tot = SUF(relu_sums)(M, c, dh, ldh, z, ldz, g, b, NULL, 0, 0, nt);
     T *coef = (T *)malloc(3 * c * sizeof(T)), *mg = coef + c, *mb = mg + c;
     for (i64 j = 0; j < c; j++) {
         dgamma[j] = (T)tot[j];
@@ -229,7 +219,7 @@ void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
         for (i64 m = 0; m < M; m++) {
             const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;
             for (i64 j = 0; j < k; j++) { bp[j] += gr[j]; bq[j] += gr[j] * xr[j]; }
-            if (++rows % ROWS == 0) SUF(add_block)(s, bp, 2 * k);
+            if (++rows == ROWS) { SUF(add_block)(s, bp, 2 * k); rows = 0; }
         }
         SUF(add_block)(s, bp, 2 * k);
         free(bp);

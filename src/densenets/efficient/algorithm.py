@@ -122,21 +122,21 @@ class Saved:
         def new(*shape, dtype=acc):
             return torch.empty(shape, dtype=dtype, device=device)
 
-        stats2 = (layers, b) if b else (0,)
-        copies, raw = (0,), ((layers, m, b) if b else (0,))
-        if not normalises_on_load:
-            copies, raw = raw, copies
+        on_load, none = normalises_on_load, (0,)
+        stats2 = (layers, b) if b else none
+        per_layer = (layers, m, b) if b else none
         return Saved(new(c), new(c), new(c), new(*stats2), new(*stats2), new(*stats2),
-                     xhat=new(*((0,) if normalises_on_load else (m, c)), dtype=cdt),
-                     zhat=new(*copies, dtype=cdt), block=new(0, dtype=cdt),
-                     z=new(*raw, dtype=cdt))
+                     xhat=new(*(none if on_load else (m, c)), dtype=cdt),
+                     zhat=new(*(none if on_load else per_layer), dtype=cdt),
+                     block=new(*none, dtype=cdt),
+                     z=new(*(per_layer if on_load else none), dtype=cdt))
 
 
 class Passes(Protocol):
     """A backend's arithmetic over [M, c] matrices, for one block in one step.
 
     Made with the spec, the record (being filled in forward, read in backward) and the raw block
-    [M, C]. Forward makes one call per block and two per layer; backward three per layer.
+    [M, C]. Forward makes 1 + 2L calls per block of L layers, backward 3L.
     """
 
     # True: the passes keep the raw block and bottleneck outputs (``block``, ``z``) and
@@ -256,10 +256,9 @@ def fake_forward(passes: type[Passes], spec: BlockSpec, x: Tensor) -> tuple[Tens
     saved = Saved.new(spec, m, dev, passes.normalises_on_load)
     if passes.normalises_on_load and not spec.channels_last:
         saved.block = torch.empty((m, spec.out_channels), dtype=cdt, device=dev)
+    widths = ([spec.inter_channels] if spec.bottleneck else []) + [spec.growth_rate]
     for p in spec.drop_rates:
-        if p > 0:
-            widths = [spec.inter_channels, spec.growth_rate] if spec.bottleneck else \
-                [spec.growth_rate]
+        if p > 0:  # the masks _noise draws, in its order
             saved.noises += [torch.empty((m, w), dtype=cdt, device=dev) for w in widths]
     fmt = memory_format(spatial_rank(x.shape), spec.channels_last)
     result = torch.empty((n, spec.out_channels, *spatial), dtype=cdt, device=dev,

@@ -2,7 +2,7 @@
 
 A direct dense block concatenates all earlier maps before every layer and keeps each
 concatenation and its BN output for backward, so activation memory grows with the square of
-the depth. Here (see :mod:`densenets.efficient.passes` for the arithmetic):
+the depth. Here (see :mod:`densenets.efficient.algorithm` for the arithmetic):
 
 - one buffer per block holds all of its channels; layer l writes its k new channels into its
   slice and reads the prefix as a view, so nothing is concatenated or copied twice;

@@ -9,7 +9,8 @@ exists in memory, in forward or in backward.
 Column reductions are written as per-row-tile partials and combined afterwards (Chan's formula
 for the variance): deterministic, no atomics, and no cancellation of sum-of-squares in float32.
 Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when this module is imported:
-:mod:`densenets.efficient.triton_ops` reloads it when the setting differs from its import.
+:func:`densenets.efficient.triton_passes.kernels` reloads it when the setting differs from its
+import.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ from densenets import DenseNet
 from densenets.efficient import dispatch
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from densenets.efficient import triton_kernels  # noqa: E402  (needs triton)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 M, C, N, K = 37, 21, 20, 5  # rows, prefix channels, bottleneck width, growth rate
@@ -171,6 +174,78 @@ def test_bfloat16_gemm_accumulates_in_float32(interpret):
     assert rel(z, z_ref) < 2e-2
 
 
+# --- 64-bit offsets -----------------------------------------------------------------------------
+ROW, LD = 2**20 + 3, 2**12 + 1  # a row and a row stride whose product passes 2^32
+
+
+def _probe(tile_ptr, row_ptr, row, ld):
+    """The kernels' offsets of a [2, 4] tile at ``row`` and of one row (decorated in the test,
+    once the interpreter is on; the helpers are read from the module, which is reloaded in
+    place for it)."""
+    rm = row + tl.arange(0, 2)
+    rc = tl.arange(0, 4)
+    tl.store(tile_ptr + tl.arange(0, 2)[:, None] * 4 + rc[None, :],
+             triton_kernels._offsets(rm, ld, rc))
+    tl.store(row_ptr, triton_kernels._wide(row, ld))  # a program index times a row stride
+
+
+def test_tile_offsets_are_64_bit(interpret):
+    """The offsets every load and store goes through, for rows and a stride whose product passes
+    2^32 (a block buffer past 2^31 elements), exact as Python integers: int32 arithmetic would
+    wrap. Rows are int32 as the tiles make them; no large tensor is needed."""
+    assert interpret.kernels(torch.device("cpu")) is triton_kernels
+    tile, row = torch.zeros(2, 4, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    triton.jit(_probe)[(1,)](tile, row, ROW, LD)
+    assert tile.tolist() == [[(ROW + i) * LD + j for j in range(4)] for i in range(2)]
+    assert row.item() == ROW * LD > 2**32
+
+
+def test_launchers_pass_wide_row_strides_whole(interpret, monkeypatch):
+    """A row stride past 2^31 reaches every kernel as the same Python integer (which Triton
+    types int64), never truncated: each launcher run on meta tensors, whose strides need no
+    memory, with its kernel launches recorded instead of run."""
+    from types import SimpleNamespace
+
+    launches = []
+
+    class Record:
+        def __init__(self, name):
+            self.names = getattr(triton_kernels, name).arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(
+                dict(zip(self.names, args, strict=False), **kw))
+
+    names = [n for n in dir(triton_kernels) if hasattr(getattr(triton_kernels, n), "arg_names")]
+    stub = SimpleNamespace(INTERPRETED=False, **{n: Record(n) for n in names})
+    monkeypatch.setattr(interpret, "kernels", lambda device: stub)
+    ld = 2**31 + 16
+
+    def mat(c):
+        return torch.empty_strided((5, c), (ld, 1), device="meta")
+
+    def vec(c):
+        return torch.empty(c, device="meta")
+
+    stats = [vec(C) for _ in range(5)]  # mean, var, invstd, gamma, beta
+    mean, var, inv, g, b = stats
+    interpret.batch_stats(mat(C), EPS, mean, var, inv, copy_to=mat(C))
+    interpret.bn_relu(mat(C), mean, inv, g, b, mat(C))
+    interpret.bn_relu_backward_full(mat(C), mat(C), mean, inv, g, b, mat(C))
+    interpret.input_grad(mat(C), mat(C), mean, inv, mat(C), mat(C))
+    interpret.gemm_bn_relu(mat(C), mean, inv, g, b, torch.empty(N, C, device="meta"), mat(N),
+                           stats=True)
+    interpret.gemm_bn_relu_dgrad(mat(N), torch.empty(N, C, device="meta"), None, mat(C), mean,
+                                 inv, g, b, mat(C), accumulate=True)
+    interpret.gemm_bn_relu_dgrad(None, None, mat(C), mat(C), mean, inv, g, b, mat(C),
+                                 accumulate=False)
+    interpret.gemm_bn_relu_wgrad(mat(N), mat(C), mean, inv, g, b, split=1)
+    strides = [(k, v) for args in launches for k, v in args.items()
+               if k.startswith("ld") and not (k == "ldda" and args["GEMM"])]  # da unread
+    assert len(strides) == 27  # every row stride of the 11 launches above
+    assert all(type(v) is int and v == ld for _, v in strides), strides
+
+
 def tiny(bottleneck: bool, drop_rate: float = 0.0) -> DenseNet:
     torch.manual_seed(0)
     return DenseNet(growth_rate=K, block_config=(2, 3), num_init_features=7, num_classes=4,
@@ -249,41 +324,67 @@ def test_kernels_imported_before_the_setting_are_reloaded_for_the_interpreter(mo
     assert rel(out, torch.relu((x.double() - mean) * inv * g.double() + b.double())) < 1e-6
 
 
-def test_kernels_compile_for_a_gpu(monkeypatch):
+_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from densenets.efficient import triton_kernels
+for name, sig, consts, attrs, options in json.load(sys.stdin):
+    attrs = {(int(i),): a for i, a in attrs.items()}
+    src = ASTSource(fn=getattr(triton_kernels, name), signature=sig, constexprs=consts,
+                    attrs=attrs)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    print(name, len(out.asm["cubin"]))
+"""
+
+
+@pytest.mark.parametrize("stride", ["i32", "i64"])
+def test_kernels_compile_for_a_gpu(stride):
     """The interpreter accepts code a GPU compiler rejects: build every kernel for sm_90
     (Triton's code generator and its bundled ptxas, no GPU needed), the GEMMs with the tiles the
-    launchers pick for DenseNet-121's first block in bfloat16."""
-    import importlib
+    launchers pick for DenseNet-121's first block in bfloat16, pointers and sizes 16-aligned as
+    a launch specialises them; the row strides as Triton types them below 2^31 and from 2^31 on.
+    In a child process without TRITON_INTERPRET: Triton's own library functions are decorated
+    for the interpreter when it is on at import, and Triton 3.6 cannot compile through those."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from densenets.efficient import triton_passes
 
-    from densenets.efficient import triton_kernels, triton_passes
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    kernels = importlib.reload(triton_kernels)
     data = {"x_ptr", "w_ptr", "z_ptr", "dz_ptr", "da_ptr", "src_ptr", "dst_ptr", "out_ptr",
             "dy_ptr", "direct_ptr"}
     bm, bn, bk = triton_passes._tiles(256 * 56 * 56, 128, 256, torch.bfloat16)
     flags = dict(IEEE=False, UPCAST=False)
     cols = dict(BM=64, BC=64)
-    jobs = [(kernels._gemm_bnrelu_fwd, dict(BM=bm, BN=bn, BK=bk, STATS=True, **flags)),
-            (kernels._gemm_bnrelu_dgrad, dict(BM=min(bm, 64), BN=bn, BK=bk, GEMM=True,
-                                               ACCUMULATE=True, **flags)),
-            (kernels._gemm_bnrelu_wgrad, dict(BM=min(bm, 64), BN=bn, BK=bk, **flags)),
-            (kernels._col_stats, dict(cols, COPY=True)),
-            (kernels._stats_finalize, dict(TILE=256, BT=64, BC=64)),
-            (kernels._bn_relu_apply, cols),
-            (kernels._bn_bwd_reduce, dict(cols, MASK=True)),
-            (kernels._bn_bwd_apply, dict(cols, MASK=True, DIRECT=True))]
-    for fn, consts in jobs:
+    kernels = [("_gemm_bnrelu_fwd", dict(BM=bm, BN=bn, BK=bk, STATS=True, **flags)),
+               ("_gemm_bnrelu_dgrad", dict(BM=min(bm, 64), BN=bn, BK=bk, GEMM=True,
+                                           ACCUMULATE=True, **flags)),
+               ("_gemm_bnrelu_wgrad", dict(BM=min(bm, 64), BN=bn, BK=bk, **flags)),
+               ("_col_stats", dict(cols, COPY=True)),
+               ("_stats_finalize", dict(TILE=256, BT=64, BC=64)),
+               ("_bn_relu_apply", cols),
+               ("_bn_bwd_reduce", dict(cols, MASK=True)),
+               ("_bn_bwd_apply", dict(cols, MASK=True, DIRECT=True))]
+    jobs = []
+    for name, consts in kernels:
+        params = getattr(triton_kernels, name).arg_names
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in data else "*fp32")
-               if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": triton_passes._warps(bm, bn),
-                                           "num_stages": 3})
-        assert len(compiled.asm["cubin"]) > 0, fn
+               if n.endswith("_ptr") else "fp32" if n == "eps" else stride if n.startswith("ld")
+               else "i32" for n in params}
+        aligned = {i: [["tt.divisibility", 16]] for i, n in enumerate(params)
+                   if sig[n] not in ("constexpr", "fp32") and n != "rows_per_split"}
+        jobs.append((name, sig, consts, aligned,
+                     {"num_warps": triton_passes._warps(bm, bn), "num_stages": 3}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = dict(line.split() for line in proc.stdout.splitlines())
+    assert sizes.keys() == {name for name, _ in kernels}
+    assert all(int(v) > 0 for v in sizes.values()), sizes
 
 
 # --- selection ---------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Triton kernels for the memory-efficient dense block (CUDA; on a CPU through TRITON_INTERPRET=1).
 
 Every activation is an NHWC matrix [M, c] with unit column stride and any row stride, so a
-layer's input is the prefix of the block buffer read in place. Statistics are per column, in
-float32 whatever the data type. BN1 + ReLU of the prefix is applied to each tile as it is loaded
-(``scale = gamma * invstd``, ``shift = beta - mean * scale``), so the normalised prefix never
-exists in memory, in forward or in backward.
+layer's input is the prefix of the block buffer read in place; offsets into these matrices are
+int64 (:func:`_offsets`), while a 1x1 weight [N, K] and the per-column vectors, far below 2^31
+elements, keep int32 offsets. Statistics are per column, in float32 whatever the data type.
+BN1 + ReLU of the prefix is applied to each tile as it is loaded (``scale = gamma * invstd``,
+``shift = beta - mean * scale``), so the normalised prefix never exists in memory, in forward or
+in backward.
 
 Column reductions are written as per-row-tile partials and combined afterwards (Chan's formula
 for the variance): deterministic, no atomics, and no cancellation of sum-of-squares in float32.
@@ -48,14 +50,35 @@ def _tile(pid_m, pid_c, M, C, BM: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _wide(row, ld):
+    """row * ld in int64, ``row`` a program index or a vector of rows (int32). A block buffer or
+    a gradient sum passes 2^31 elements (DenseNet-121's first block at batch 512 holds 411M, a
+    3D volume 4.3G) long before its row count does: rows and columns stay int32 and only their
+    product with the row stride is widened, one multiply per row."""
+    return row.to(tl.int64) * ld
+
+
+@triton.jit
+def _offsets(rm, ld, rc):
+    """Element offsets (int64) of rows ``rm``, columns ``rc`` of a matrix with row stride ``ld``."""
+    return _wide(rm, ld)[:, None] + rc[None, :]
+
+
+@triton.jit
 def _load(ptr, ld, rm, rc, mask):
     """A tile of a row-major matrix view with row stride ``ld``, zero outside ``mask``."""
-    return tl.load(ptr + rm[:, None] * ld + rc[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + _offsets(rm, ld, rc), mask=mask, other=0.0)
 
 
 @triton.jit
 def _store(ptr, ld, rm, rc, v, mask):
-    tl.store(ptr + rm[:, None] * ld + rc[None, :], v.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + _offsets(rm, ld, rc), v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row(ptr, pid_m, ld, rc, v, cmask):
+    """Store ``v`` as row ``pid_m`` of a per-row-tile partials matrix [T, ld]."""
+    tl.store(ptr + _wide(pid_m, ld) + rc, v, mask=cmask)
 
 
 @triton.jit
@@ -85,8 +108,8 @@ def _partials(v, tmask, pid_m, M, C, rc, cmask, psum_ptr, pm2_ptr, BM: tl.conste
     cnt = tl.minimum(M - pid_m * BM, BM).to(tl.float32)
     s = _colsum(v)
     d = tl.where(tmask, v - (s / cnt)[None, :], 0.0)
-    tl.store(psum_ptr + pid_m * C + rc, s, mask=cmask)
-    tl.store(pm2_ptr + pid_m * C + rc, _colsum(d * d), mask=cmask)
+    _row(psum_ptr, pid_m, C, rc, s, cmask)
+    _row(pm2_ptr, pid_m, C, rc, _colsum(d * d), cmask)
 
 
 @triton.jit
@@ -163,8 +186,8 @@ def _gemm_bnrelu_dgrad(dz_ptr, lddz, w_ptr, sw_n, sw_k, da_ptr, ldda,
         gdy += _load(gsum_ptr, ldg, rm, rk, tmask)
     _store(gsum_ptr, ldg, rm, rk, gdy, tmask)
     xhat = _normalised(x, rk, kmask, mean_ptr, invstd_ptr)
-    tl.store(pdg_ptr + pid_m * K + rk, _colsum(dy * xhat), mask=kmask)
-    tl.store(pdb_ptr + pid_m * K + rk, _colsum(dy), mask=kmask)
+    _row(pdg_ptr, pid_m, K, rk, _colsum(dy * xhat), kmask)
+    _row(pdb_ptr, pid_m, K, rk, _colsum(dy), kmask)
 
 
 @triton.jit
@@ -187,7 +210,7 @@ def _gemm_bnrelu_wgrad(dz_ptr, lddz, x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_
         a = _bn_relu_tile(x, rk, kmask, mean_ptr, invstd_ptr, g_ptr, b_ptr)
         a = tl.where(xmask, a, 0.0).to(dz.dtype)
         acc = _mma(acc, tl.trans(dz), a, IEEE, UPCAST)
-    _store(pdw_ptr + pid_s * N * K, K, rn, rk, acc, wmask)
+    _store(pdw_ptr + _wide(pid_s, N * K), K, rn, rk, acc, wmask)
 
 
 # --- statistics and the elementwise passes ----------------------------------------------------
@@ -262,8 +285,8 @@ def _bn_bwd_reduce(dy_ptr, lddy, x_ptr, ldx, mean_ptr, invstd_ptr, g_ptr, b_ptr,
     _, rc, cmask, _, dy, xhat = _bn_bwd_tile(dy_ptr, lddy, x_ptr, ldx, mean_ptr, invstd_ptr,
                                              g_ptr, b_ptr, M, C, BM, BC, MASK)
     pid_m = tl.program_id(0)
-    tl.store(pa_ptr + pid_m * C + rc, _colsum(dy), mask=cmask)
-    tl.store(pb_ptr + pid_m * C + rc, _colsum(dy * xhat), mask=cmask)
+    _row(pa_ptr, pid_m, C, rc, _colsum(dy), cmask)
+    _row(pb_ptr, pid_m, C, rc, _colsum(dy * xhat), cmask)
 
 
 @triton.jit

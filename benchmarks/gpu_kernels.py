@@ -1,376 +1,309 @@
 """The Triton kernels of the memory-efficient blocks on a CUDA GPU: parity, then ours against
-torchvision in the same run, against the targets set for them.
+torchvision in the same run, against the targets set for them; one device call of at most 9
+minutes.
 
-    python benchmarks/gpu_kernels.py [--out DIR] [--steps 20] [--budget-s 480]
+    python benchmarks/gpu_kernels.py [--out DIR] [--steps 20] [--budget-s 450] [--hard-limit-s 510]
     python benchmarks/gpu_kernels.py --dry-run     # any CPU: Triton's interpreter, tiny shapes
 
-1. Parity (exits 1 at the end if any fails): float32 through the Triton kernels against the
-   float64 plain model (outputs, every gradient, parameters and running statistics after 2 SGD
-   steps; with and without bottleneck, both layouts, dropout), bfloat16 autocast as close to
-   float64 as plain autocast, a torch.compile'd step with no graph break equal to the eager one.
-2. Speed, ours (memory-efficient, Triton) against torchvision plain and memory_efficient, taking
-   turns step by step in one process (median of --steps after --warmup); peak memory
-   (torch.cuda.max_memory_allocated) of each from its own process. Eager DenseNet-121 (224, batch
-   256, bf16, channels_last) and DenseNet-BC-250 k=24 (32x32, batch 64), ours also through the
-   PyTorch operations (the CUDA default); DenseNet-BC-100 k=12 (batch 64) as CUDA graphs and
-   DenseNet-121 torch.compile'd, on both sides. From the eager ratios the script prints the
-   default its numbers support: "cuda default supported by these numbers: torch|triton".
-3. Kernel launches per training step (torch.profiler); DenseNet-121's training FLOP utilisation
-   (16.8 GFLOP per 224 image against the measured bf16 matmul peak); eval-mode images/s.
+Sections, in order of importance (the measurements are in benchmarks/gpu_sections.py):
+1. Parity, always (exit 1 at the end if any check fails): float32 through the Triton kernels
+   against the float64 plain model (outputs, every gradient, parameters and running statistics
+   after 2 SGD steps; with and without bottleneck, both layouts, dropout), bfloat16 autocast as
+   close to float64 as plain autocast, a torch.compile'd step with no graph break equal to eager.
+2. DenseNet-121 eager (224, batch 256, bf16, channels_last): ours (memory-efficient) through the
+   Triton kernels and through the PyTorch operations (the CUDA default), torchvision plain and
+   memory_efficient, taking turns step by step in one process (median of --steps after
+   --warmup); then each one's peak memory (torch.cuda.max_memory_allocated) from its own process.
+3. DenseNet-121's training FLOP utilisation (16.8 GFLOP per image against the measured bf16
+   matmul rate), ours and torchvision's.
+4. DenseNet-121 torch.compile'd (inductor), ours (Triton) and torchvision plain.
+5. DenseNet-BC-250 k=24 eager (32x32, batch 64), the four sides of 2.
+6. DenseNet-BC-100 k=12 (batch 64) as CUDA graphs, ours (Triton) and torchvision plain.
+   (The 3D and segmentation rows will follow here.)
+7. Kernel launches per training step (torch.profiler); 8. eval-mode images/s.
 
-Sections run in that order until --budget-s is spent; results are written after each section
-to DIR/gpu_kernels.json and DIR/gpu_kernels.md (DIR: $OUT, else benchmarks/results).
+A section runs when its estimate fits what is left of --budget-s (counted from the start of this
+process, imports included): its prior seconds (``prior_s`` in gpu_sections.targets, guesses for
+an H100-class card until a run's "seconds" replace them), scaled by how long the sections before
+it took against their priors; otherwise it is skipped with a line saying so. The default 450 s
+leaves 90 s of a 540 s call for a section that takes longer than estimated; at --hard-limit-s
+(SIGALRM, default 510 s), or on SIGTERM, the script stops where it is.
+
+Printed, in order:
+1. ``gpu_kernels: GPU, torch X, triton Y, budget N s`` (``, DRY RUN`` in a rehearsal);
+2. ``ok   CHECK`` or ``FAIL CHECK``, one per parity check as it finishes;
+3. per section, in the order above: ``NAME: speed_x=.., peak_x=.. (targets: ..)`` (speed_x: ours
+   with Triton / torchvision plain; peak_x: ours / torchvision memory_efficient), ``training FLOP
+   utilisation (..): ..``, ``CUDA kernels per step: ..``, ``eval images/s: ..``; or ``skip NAME:
+   needs about E s, L s of --budget-s left`` (or another reason), or ``error NAME: ..``; after a
+   comparison that changes it, ``cuda default supported by these numbers: torch|triton (why)``;
+4. ``stopped: SIGTERM|SIGALRM after S s`` when a signal cut the run short;
+5. always, last: the ``cuda default supported by these numbers: ..`` line again, and ``wrote
+   DIR/gpu_kernels.md; parity: N failed (S s)``.
+Exit status: 0; 1 when a parity check failed; 124 when stopped; 2 without a CUDA device.
+
+Written: DIR/gpu_kernels.json and DIR/gpu_kernels.md (DIR: --out, else $OUT, else
+benchmarks/results), rewritten (a temporary file, then os.replace) after every result: each
+parity check, each comparison's speeds, each peak, each later section, each skip. A call killed
+at its limit leaves both files whole, with everything measured so far and the CUDA default line
+(at the top of the markdown).
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import time
+
+T0 = time.monotonic()  # the budget counts this process's imports too
+
+import os  # noqa: E402
+import sys  # noqa: E402
 
 if "--dry-run" in sys.argv:  # Triton reads this when it is imported: before torch imports it
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ["DENSENETS_KERNELS"] = "triton"
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, replace  # noqa: E402
+import signal  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from unittest import mock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import gpu_sections as sec  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from densenets import DenseNet  # noqa: E402
-from densenets.analysis.bench import (  # noqa: E402
-    BenchConfig,
-    TrainStep,
-    environment,
-    run_in_subprocess,
-    step_stats,
-    time_alternating,
-)
+from densenets.analysis.bench import BenchConfig, environment  # noqa: E402
 from densenets.efficient.dispatch import CUDA_DEFAULT, backend  # noqa: E402
 
-GFLOP_PER_IMAGE = 16.8  # DenseNet-121 training step at 224: 3 x 2.8 GMACs x 2
-TRITON, TORCH = "ours (Triton)", "ours (PyTorch ops)"
+PARITY_PRIOR_S = 90
+EXTRAS_PRIOR_S = {"flop_utilisation": 10, "kernels": 30, "eval_images_per_s": 20}
+DRY_SCALE = 0.1  # priors in a dry run: tiny shapes on a CPU
 
 
-def kernels_env(value: str | None):
-    """DENSENETS_KERNELS for one side of a comparison (restored afterwards)."""
-    return mock.patch.dict(os.environ, {} if value is None else {"DENSENETS_KERNELS": value})
+class Stopped(BaseException):
+    """SIGTERM or the hard limit: stop measuring, keep what was written."""
 
 
-def side(cfg: BenchConfig, kernels: str | None, compile_backend: str):
-    """One implementation in a comparison: a TrainStep run under its own DENSENETS_KERNELS."""
-    with kernels_env(kernels):
-        step = TrainStep(replace(cfg, compile=False))
-    if cfg.compile:
-        step.fn = torch.compile(step.model, backend=compile_backend)
-
-    def run() -> float:
-        with kernels_env(kernels):
-            return step()
-    return run
+def _stop(signum, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-# --- 1. parity -------------------------------------------------------------------------------
-def tiny_net(dev, bottleneck: bool, drop: float, dtype=torch.float32) -> DenseNet:
-    torch.manual_seed(0)
-    net = DenseNet(growth_rate=5, block_config=(3, 3), num_init_features=7, num_classes=4,
-                   stem="cifar", bottleneck=bottleneck, compression=0.5, drop_rate=drop)
-    return net.to(dev, dtype)
-
-
-def train_errors(dev, bottleneck: bool, cl: bool, drop: float) -> dict:
-    """Two SGD steps: float32 efficient (Triton) and float32 plain, each against float64 plain."""
-    ref = tiny_net(dev, bottleneck, drop, torch.float64)
-    models = {"plain": tiny_net(dev, bottleneck, drop),
-              "efficient": tiny_net(dev, bottleneck, drop).set_memory_efficient(True)}
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    torch.manual_seed(1)
-    x = torch.randn(5, 3, 11, 11, device=dev).contiguous(memory_format=fmt)
-    y = torch.arange(5, device=dev) % 4
-    errors = {k: 0.0 for k in models}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-            for k, m in {**models, "ref": ref}.items()}
-    for step in range(2):
-        outs, grads = {}, {}
-        for key, model in {**models, "ref": ref}.items():
-            torch.manual_seed(10 + step)
-            opts[key].zero_grad()
-            xin = x.double() if key == "ref" else x
-            outs[key] = model(xin)
-            F.cross_entropy(outs[key], y).backward()
-            grads[key] = [p.grad for p in model.parameters()]
-            opts[key].step()
-        for key in models:
-            errs = [rel(outs[key], outs["ref"])]
-            errs += [rel(g, r) for g, r in zip(grads[key], grads["ref"], strict=True)]
-            errors[key] = max(errors[key], *errs)
-    for key, model in models.items():
-        for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
-            if a.is_floating_point():
-                errors[key] = max(errors[key], rel(a, b))
-    return errors
-
-
-def bf16_errors(dev) -> dict:
-    ref = tiny_net(dev, True, 0.0, torch.float64)
-    x = torch.randn(8, 3, 11, 11, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.arange(8, device=dev) % 4
-    F.cross_entropy(ref(x.double()), y).backward()
-    errors = {}
-    for me in (False, True):
-        model = tiny_net(dev, True, 0.0).set_memory_efficient(me)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = model(x)
-        F.cross_entropy(out.float(), y).backward()
-        errors["efficient" if me else "plain"] = max(
-            rel(p.grad, r.grad) for p, r in zip(model.parameters(), ref.parameters(), strict=True))
-    return errors
-
-
-def compile_check(dev, compile_backend: str) -> dict:
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    eager = tiny_net(dev, True, 0.0).set_memory_efficient(True)
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend=compile_backend)
-    x = torch.randn(4, 3, 11, 11, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.arange(4, device=dev) % 4
-    losses = []
-    for model in (eager, compiled):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(float(loss.detach()))
-    grad_err = max(rel(a.grad, b.grad) for a, b in
-                   zip(compiled_model.parameters(), eager.parameters(), strict=True))
-    return {"graph_breaks": sum(counters["graph_break"].values()),
-            "loss_rel_diff": abs(losses[0] - losses[1]) / abs(losses[0]), "grad_rel": grad_err}
-
-
-def parity(dev, compile_backend: str) -> dict:
-    # float32 means float32 here: no TF32 in cuDNN's 3x3 convolutions either
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with kernels_env("triton"):
-            return _parity(dev, compile_backend)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-
-
-def _parity(dev, compile_backend: str) -> dict:
-    checks = {}
-    for bottleneck, cl, drop in [(True, True, 0.0), (True, False, 0.2), (False, True, 0.2),
-                                 (False, False, 0.0)]:
-        e = train_errors(dev, bottleneck, cl, drop)
-        key = (f"fp32 vs float64, {'bottleneck' if bottleneck else 'no bottleneck'}, "
-               f"{'CL' if cl else 'NCHW'}, drop={drop}")
-        checks[key] = {**e, "ok": e["efficient"] < 1e-4 + 10 * e["plain"]}
-    e = bf16_errors(dev)
-    checks["bf16 autocast vs float64 (grads)"] = {**e, "ok": e["efficient"] < 2 * e["plain"] + 0.01}
-    c = compile_check(dev, compile_backend)
-    checks[f"torch.compile ({compile_backend}) vs eager"] = {
-        **c, "ok": c["graph_breaks"] == 0 and c["loss_rel_diff"] < 1e-4 and c["grad_rel"] < 1e-3}
-    return checks
-
-
-# --- 2. speed and memory ---------------------------------------------------------------------
-def compare(base: BenchConfig, sides: dict, steps: int, warmup: int, compile_backend: str,
-            memory: bool) -> dict:
-    """Speed of every side in one process (taking turns), then each peak from its own."""
-    runners = {name: side(replace(base, **over), kernels, compile_backend)
-               for name, (over, kernels) in sides.items()}
-    times = time_alternating(runners, steps, warmup)
-    out = {}
-    for name, (over, kernels) in sides.items():
-        cfg = replace(base, **over)
-        out[name] = {"config": asdict(cfg), "kernels": kernels,
-                     **{k: v for k, v in step_stats(times[name], cfg.batch_size).items()
-                        if k != "step_s"}}
-        if memory:
-            with kernels_env(kernels):
-                r = run_in_subprocess(replace(cfg, steps=3, warmup=max(2, cfg.warmup)))
-            out[name]["peak_mib"], out[name]["backend"] = r["peak_mib"], r["backend"]
-    del runners
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out
-
-
-def ratios(res: dict, ours: str, speed_vs: str, memory_vs: str | None) -> dict:
-    r = {"speed_x": res[ours]["images_per_s"] / res[speed_vs]["images_per_s"]}
-    if memory_vs and "peak_mib" in res[ours] and "peak_mib" in res.get(memory_vs, {}):
-        r["peak_x"] = res[ours]["peak_mib"] / res[memory_vs]["peak_mib"]
-    return r
-
-
-def targets(dry: bool) -> list[dict]:
-    """The target configurations (a tiny stand-in for each in a dry run)."""
-    amp = dict(amp=True, channels_last=True)
-    if dry:
-        big = cifar = small = dict(model="densenet-bc-10-k4", batch_size=4, input_size=8,
-                                   device="cpu", **amp)
-    else:
-        big = dict(model="densenet121", batch_size=256, input_size=224, device="cuda", **amp)
-        cifar = dict(model="densenet-bc-250-k24", batch_size=64, input_size=32, device="cuda",
-                     **amp)
-        small = dict(model="densenet-bc-100-k12", batch_size=64, input_size=32, device="cuda",
-                     **amp)
-    ours = dict(impl="densenets", memory_efficient=True)
-    tv, tv_me = dict(impl="torchvision"), dict(impl="torchvision", memory_efficient=True)
-    return [
-        {"name": "DenseNet-121 eager", "base": big, "speed_vs": "torchvision plain",
-         "memory_vs": "torchvision memory_efficient", "speed_target": 1.25, "peak_target": 0.8,
-         "sides": {TRITON: (ours, "triton"), TORCH: (ours, "torch"),
-                   "torchvision plain": (tv, None), "torchvision memory_efficient": (tv_me, None)}},
-        {"name": "DenseNet-BC-250 k=24 eager", "base": cifar, "speed_vs": "torchvision plain",
-         "memory_vs": "torchvision memory_efficient", "speed_target": 1.0, "peak_target": 0.8,
-         "sides": {TRITON: (ours, "triton"), TORCH: (ours, "torch"),
-                   "torchvision plain": (tv, None), "torchvision memory_efficient": (tv_me, None)}},
-        {"name": "DenseNet-BC-100 k=12 CUDA graphs", "base": small, "cuda_only": True,
-         "speed_vs": "torchvision plain", "memory_vs": None, "speed_target": 1.0,
-         "sides": {TRITON: (dict(ours, cuda_graphs=True, warmup=3), "triton"),
-                   "torchvision plain": (dict(tv, cuda_graphs=True, warmup=3), None)}},
-        {"name": "DenseNet-121 torch.compile", "base": big, "speed_vs": "torchvision plain",
-         "memory_vs": None, "speed_target": 1.0,
-         "sides": {TRITON: (dict(ours, compile=True), "triton"),
-                   "torchvision plain": (dict(tv, compile=True), None)}},
-    ]
-
-
-# --- 3. profile, FLOP utilisation, eval ------------------------------------------------------
-def kernel_counts(base: BenchConfig) -> dict:
-    """Kernels launched by one training step (GPU kernels on CUDA; operators on a CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    counts = {}
-    cuda = torch.cuda.is_available()
-    ours = dict(impl="densenets", memory_efficient=True)
-    for name, over, kernels in [(TRITON, ours, "triton"), (TORCH, ours, "torch"),
-                                ("torchvision plain", dict(impl="torchvision"), None)]:
-        step = side(replace(base, **over), kernels, "inductor")
-        for _ in range(2):
-            step()
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            step()
-        counts[name] = sum(1 for e in prof.events() if (
-            e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.cpu_parent is None))
-    return {"what": "CUDA kernels per step" if cuda else "top-level CPU operators per step",
-            "counts": counts}
-
-
-def timed(dev, fn, reps: int = 1) -> float:
-    """Seconds for ``reps`` calls of fn, the device's queue drained before and after."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def matmul_peak_tflops(dev) -> float:
-    cuda = dev.type == "cuda"
-    n, reps = (8192, 20) if cuda else (512, 2)
-    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
-            for _ in range(2))
-    timed(dev, lambda: a @ b, 3)
-    return 2 * n**3 * reps / timed(dev, lambda: a @ b, reps) / 1e12
-
-
-def flop_utilisation(dev, results: dict) -> dict:
-    """DenseNet-121's training TFLOP/s (first comparison) against the measured matmul peak."""
-    util = {"matmul_peak_tflops": matmul_peak_tflops(dev)}
-    for name, r in results["comparisons"][0].get("results", {}).items():
-        tflops = GFLOP_PER_IMAGE * r["images_per_s"] / 1e3
-        util[name] = {"tflops": tflops, "utilisation": tflops / util["matmul_peak_tflops"]}
-    return util
-
-
-def eval_speed(base: BenchConfig, steps: int) -> dict:
-    from densenets.analysis.bench import build_model
-
-    dev = torch.device(base.device)
-    out = {}
-    fmt = torch.channels_last
-    x = torch.randn(base.batch_size, 3, base.input_size, base.input_size,
-                    device=dev).contiguous(memory_format=fmt)
-    for impl in ("densenets", "torchvision"):
-        model = build_model(replace(base, impl=impl, memory_efficient=impl == "densenets"))
-        model = model.to(dev).eval().to(memory_format=fmt)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            times = [timed(dev, lambda m=model: m(x)) for _ in range(steps + 3)][3:]
-        out[impl] = step_stats(times, base.batch_size)["images_per_s"]
-    return out
-
-
-# --- report ----------------------------------------------------------------------------------
+# --- the record ------------------------------------------------------------------------------
 def supported_default(results: dict) -> dict:
     """The CUDA default these numbers support: the Triton kernels only when their parity passed
     and they trained faster than the PyTorch operations in every comparison measuring both."""
-    failed = [k for k, c in results.get("parity", {}).items() if not c["ok"]]
-    speed = {t["name"]: t["results"][TRITON]["images_per_s"] / t["results"][TORCH]["images_per_s"]
-             for t in results["comparisons"] if {TRITON, TORCH} <= set(t.get("results", {}))}
+    parity = results.get("parity", {})
+    failed = [k for k, c in parity.items() if not c["ok"]]
+    both = [t for t in results["comparisons"]
+            if {sec.TRITON, sec.TORCH} <= set(t.get("results", {}))]
+    speed = {t["name"]: t["results"][sec.TRITON]["images_per_s"]
+             / t["results"][sec.TORCH]["images_per_s"] for t in both}
     if failed:
         why = f"Triton parity failed: {failed}"
+    elif not parity:
+        why = "parity not checked yet"
     elif not speed:
         why = "no comparison measured both paths"
     else:
         why = "Triton/PyTorch-ops training speed: " + ", ".join(
             f"{name} {x:.2f}x" for name, x in speed.items())
-    kernels = "triton" if speed and not failed and min(speed.values()) > 1 else "torch"
+    kernels = "triton" if speed and parity and not failed and min(speed.values()) > 1 else "torch"
     return {"kernels": kernels, "why": why, "dispatch.CUDA_DEFAULT": CUDA_DEFAULT}
+
+
+def default_line(results: dict) -> str:
+    d = results["cuda_default"]
+    return (f"cuda default supported by these numbers: {d['kernels']} ({d['why']})"
+            + (" [dry run: no meaningful numbers]" if results["dry_run"] else ""))
+
+
+def _target_line(t: dict) -> str:
+    return (f"targets: speed >= {t['speed_target']}"
+            + (f", peak <= {t['peak_target']}" if t.get("peak_target") else ""))
+
+
+def extra_line(key: str, value: dict) -> str:
+    """One line for a section after the targets (printed, and in the markdown)."""
+    if key == "flop_utilisation":
+        return (f"training FLOP utilisation (DenseNet-121, bf16 matmul peak "
+                f"{value['matmul_peak_tflops']:.1f} TFLOP/s): " + ", ".join(
+                    f"{k} {v['tflops']:.1f} TFLOP/s = {100 * v['utilisation']:.1f}%"
+                    for k, v in value.items() if isinstance(v, dict)))
+    if key == "kernels":
+        return f"{value['what']}: " + ", ".join(f"{k} {n}" for k, n in value["counts"].items())
+    return "eval images/s: " + ", ".join(f"{k} {v:.0f}" for k, v in value.items())
+
+
+def _extras(results: dict, keys: list[str]) -> list[str]:
+    return [f"- {extra_line(k, results[k])}" if k in results else f"- {k}: {results['skipped'][k]}"
+            for k in keys if k in results or k in results["skipped"]]
 
 
 def markdown(results: dict) -> str:
     env = results["environment"]
     machine = env.get("gpu", env.get("cpu", "?"))
     dry = "; DRY RUN (CPU, interpreter, tiny shapes): no meaningful numbers"
-    lines = [f"# Triton kernels of the memory-efficient blocks: {machine}",
-             "", f"torch {env.get('torch')}, triton {results.get('triton')}"
-             f"{dry if results['dry_run'] else ''}",
-             "", "## Parity", "", "| check | result | errors |", "|---|---|---|"]
+    lines = [f"# Triton kernels of the memory-efficient blocks: {machine}", "",
+             f"torch {env.get('torch')}, triton {results.get('triton')}, budget "
+             f"{results['budget_s']:.0f} s{dry if results['dry_run'] else ''}", "",
+             default_line(results) + f"; dispatch.CUDA_DEFAULT is "
+             f"{results['cuda_default']['dispatch.CUDA_DEFAULT']}"]
+    if results.get("stopped"):
+        lines += ["", f"**stopped early: {results['stopped']}**"]
+    lines += ["", "## Parity", "", "| check | result | errors |", "|---|---|---|"]
     for key, c in results.get("parity", {}).items():
         errs = ", ".join(f"{k}={v:.2e}" for k, v in c.items() if isinstance(v, float))
         lines.append(f"| {key} | {'ok' if c['ok'] else 'FAIL'} | {errs} |")
-    for t in results.get("comparisons", []):
-        lines += ["", f"## {t['name']}", "", "| implementation | images/s | median step ms | "
-                  "peak MiB |", "|---|---|---|---|"]
-        for name, r in t.get("results", {}).items():
-            peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else ""
-            lines.append(f"| {name} | {r['images_per_s']:.1f} | "
-                         f"{1000 * r['median_step_s']:.1f} | {peak} |")
-        if "ratios" in t:
-            lines.append("")
-            lines.append(", ".join(f"{k} = {v:.2f}" for k, v in t["ratios"].items())
-                         + f" (targets: speed >= {t['speed_target']}"
-                         + (f", peak <= {t['peak_target']}" if t.get("peak_target") else "")
-                         + ")")
-        if "skipped" in t:
-            lines.append(f"skipped: {t['skipped']}")
-    if d := results.get("cuda_default"):
-        lines += ["", f"cuda default supported by these numbers: {d['kernels']} ({d['why']}; "
-                  f"dispatch.CUDA_DEFAULT is {d['dispatch.CUDA_DEFAULT']})"]
-    for key in ("kernels", "flop_utilisation", "eval_images_per_s"):
-        if key in results:
-            lines += ["", f"## {key}", "", "```", json.dumps(results[key], indent=1), "```"]
+    for t in results["comparisons"]:
+        lines += ["", f"## {t['name']}", ""]
+        if t.get("results"):
+            lines += ["| implementation | images/s | median step ms | peak MiB |",
+                      "|---|---|---|---|"]
+            for name, r in t["results"].items():
+                peak = (f"{r['peak_mib']:.0f}" if "peak_mib" in r else
+                        r.get("peak_skipped", r.get("peak_error", "")))
+                lines.append(f"| {name} | {r['images_per_s']:.1f} | "
+                             f"{1000 * r['median_step_s']:.1f} | {peak} |")
+        if t.get("ratios"):
+            lines += ["", ", ".join(f"{k} = {v:.2f}" for k, v in t["ratios"].items())
+                      + f" ({_target_line(t)})"]
+        for why in ("skipped", "error"):
+            if why in t:
+                lines.append(f"{why}: {t[why]}")
+        if t is results["comparisons"][0]:  # measured right after it, from its speeds
+            lines += ["", *_extras(results, ["flop_utilisation"])]
+    lines += ["", "## After the targets", "", *_extras(results, ["kernels", "eval_images_per_s"])]
+    lines += ["", "## Seconds per section", "", json.dumps(results["seconds"])]
     return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all: a process killed mid-write leaves the previous version."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Record:
+    """The results, written to DIR after every change, and the CUDA default line, printed when
+    the results change it."""
+
+    def __init__(self, out: Path, results: dict) -> None:
+        self.out, self.results, self.printed = out, results, None
+
+    def save(self) -> None:
+        self.results["cuda_default"] = supported_default(self.results)
+        write_atomic(self.out / "gpu_kernels.json", json.dumps(self.results, indent=1,
+                                                               default=str))
+        write_atomic(self.out / "gpu_kernels.md", markdown(self.results))
+
+    def print_default(self, always: bool = False) -> None:
+        line = default_line(self.results)
+        if always or (line != self.printed and self.results.get("parity")):
+            print(line, flush=True)
+            self.printed = line
+
+
+class Budget:
+    """Seconds left of --budget-s, and whether a section's estimate fits them: its prior scaled
+    by the time the measured sections took against their priors (within 0.5x-4x)."""
+
+    def __init__(self, seconds: float, prior_scale: float) -> None:
+        self.seconds, self.prior_scale = seconds, prior_scale
+        self.priors = self.spent = 0.0
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - T0)
+
+    def estimate(self, prior_s: float) -> float:
+        scale = min(4.0, max(0.5, self.spent / self.priors)) if self.priors else 1.0
+        return prior_s * self.prior_scale * scale
+
+    def record(self, prior_s: float, seconds: float) -> None:
+        self.priors += prior_s * self.prior_scale
+        self.spent += seconds
+
+
+# --- the run ---------------------------------------------------------------------------------
+def run_section(name: str, prior_s: float, body: Callable[[], Iterator[None]], rec: Record,
+                budget: Budget, store: Callable[[str, str], None]) -> None:
+    """Run one section if its estimate fits the budget, saving after each result it yields;
+    ``store(kind, why)`` records a section "skipped" or ended by an "error"."""
+    est, left = budget.estimate(prior_s), budget.left()
+    if est > left:
+        why = f"needs about {est:.0f} s, {max(left, 0):.0f} s of --budget-s left"
+        store("skipped", why)
+        print(f"skip {name}: {why}", flush=True)
+        rec.save()
+        return
+    start = time.monotonic()
+    try:
+        for _ in body():
+            rec.save()
+    except Exception as e:  # report it and go on to the next section
+        why = f"{type(e).__name__}: {str(e)[-300:]}"
+        store("error", why)
+        print(f"error {name}: {why}", flush=True)
+    seconds = time.monotonic() - start
+    budget.record(prior_s, seconds)
+    rec.results["seconds"][name] = round(seconds, 1)
+    rec.save()
+
+
+def comparison(t: dict, entry: dict, args, compile_backend: str,
+               budget: Budget) -> Iterator[None]:
+    for res in sec.compare(t, args.steps, args.warmup, compile_backend, budget.left):
+        entry["results"] = res
+        entry["ratios"] = sec.ratios(t, res)
+        yield
+    print(f"{t['name']}: " + ", ".join(f"{k}={v:.2f}" for k, v in entry["ratios"].items())
+          + f" ({_target_line(t)})", flush=True)
+
+
+def extra(results: dict, key: str, fn: Callable[[], dict]) -> Iterator[None]:
+    results[key] = fn()
+    yield
+    print(extra_line(key, results[key]), flush=True)
+
+
+def measure(dev, args, rec: Record, budget: Budget) -> None:
+    results, dry = rec.results, args.dry_run
+    compile_backend = "aot_eager" if dry else "inductor"  # a cold CPU inductor build: minutes
+    start = time.monotonic()
+    for key, check in sec.parity(dev, compile_backend):
+        results["parity"][key] = check
+        rec.save()
+        print(f"{'ok  ' if check['ok'] else 'FAIL'} {key}", flush=True)
+    budget.record(PARITY_PRIOR_S, time.monotonic() - start)
+    results["seconds"]["parity"] = round(time.monotonic() - start, 1)
+    targets = sec.targets(dry)
+    big = BenchConfig(**targets[0]["base"], steps=args.steps, warmup=args.warmup)
+    extras = {"flop_utilisation": lambda: sec.flop_utilisation(dev, results["comparisons"][0]),
+              "kernels": lambda: sec.kernel_counts(big),
+              "eval_images_per_s": lambda: sec.eval_speed(big, args.steps)}
+    plan = [("target", t) for t in targets]
+    plan.insert(1, ("extra", "flop_utilisation"))
+    plan += [("extra", "kernels"), ("extra", "eval_images_per_s")]
+    for kind, what in plan:
+        if kind == "extra":
+            run_section(what, EXTRAS_PRIOR_S[what], lambda k=what: extra(results, k, extras[k]),
+                        rec, budget, lambda kind, why, k=what: results["skipped"].__setitem__(
+                            k, f"{kind}: {why}"))
+            continue
+        t = what
+        entry = {k: v for k, v in t.items() if k not in ("sides", "base")}
+        results["comparisons"].append(entry)
+        if t.get("cuda_only") and dev.type != "cuda":
+            entry["skipped"] = "CUDA graphs need a CUDA device"
+            print(f"skip {t['name']}: {entry['skipped']}", flush=True)
+            rec.save()
+            continue
+        run_section(t["name"], t["prior_s"],
+                    lambda t=t, e=entry: comparison(t, e, args, compile_backend, budget),
+                    rec, budget, lambda kind, why, e=entry: e.__setitem__(kind, why))
+        rec.print_default()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,67 +314,51 @@ def main(argv: list[str] | None = None) -> int:
                    default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results"))
     p.add_argument("--steps", type=int, default=20, help="timed steps per side (default 20)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=480,
-                   help="start no new section after this many seconds (default 480)")
+    p.add_argument("--budget-s", type=float, default=450,
+                   help="start no section whose estimate ends past this many seconds from the "
+                        "start of the process (default 450: one 540 s call, with margin)")
+    p.add_argument("--hard-limit-s", type=float, default=510,
+                   help="stop wherever the run is at this many seconds (default 510)")
     args = p.parse_args(argv)
-    start = time.perf_counter()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run to rehearse this script on a CPU", file=sys.stderr)
         return 2
     dev = torch.device("cpu" if dry else "cuda")
-    steps, warmup = (1, 1) if dry else (args.steps, args.warmup)
-    compile_backend = "aot_eager" if dry else "inductor"  # a cold CPU inductor build: minutes
+    if dry:
+        args.steps, args.warmup = 1, 1
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
 
     results: dict = {"dry_run": dry, "environment": environment(dev), "triton":
-                     triton.__version__, "default_backend": backend(dev, torch.bfloat16),
-                     "comparisons": []}
+                     triton.__version__, "budget_s": args.budget_s,
+                     "default_backend": backend(dev, torch.bfloat16), "parity": {},
+                     "comparisons": [], "skipped": {}, "seconds": {}}
+    rec = Record(args.out, results)
+    rec.save()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    def save() -> None:
-        (args.out / "gpu_kernels.json").write_text(json.dumps(results, indent=1, default=str))
-        (args.out / "gpu_kernels.md").write_text(markdown(results))
-
-    def left() -> bool:
-        return time.perf_counter() - start < args.budget_s
-
-    results["parity"] = parity(dev, compile_backend)
-    for key, c in results["parity"].items():
-        print(f"{'ok  ' if c['ok'] else 'FAIL'} {key}", flush=True)
-    save()
-    for t in targets(dry):
-        entry = {k: v for k, v in t.items() if k not in ("sides", "base")}
-        results["comparisons"].append(entry)
-        if t.get("cuda_only") and dev.type != "cuda":
-            entry["skipped"] = "CUDA graphs need a CUDA device"
-        elif not left():
-            entry["skipped"] = "out of --budget-s"
-        else:
-            base = BenchConfig(**t["base"], steps=steps, warmup=warmup)
-            memory = t["memory_vs"] is not None
-            res = compare(base, t["sides"], steps, warmup, compile_backend, memory)
-            entry["results"] = res
-            entry["ratios"] = ratios(res, TRITON, t["speed_vs"], t["memory_vs"])
-            print(f"{t['name']}: {entry['ratios']}", flush=True)
-        results["cuda_default"] = supported_default(results)
-        save()
-    big = BenchConfig(**targets(dry)[0]["base"], steps=steps, warmup=warmup)
-    for key, section in [("kernels", lambda: kernel_counts(big)),
-                         ("flop_utilisation", lambda: flop_utilisation(dev, results)),
-                         ("eval_images_per_s", lambda: eval_speed(big, steps))]:
-        if left():
-            results[key] = section()
-            save()
+    print(f"gpu_kernels: {results['environment'].get('gpu', 'CPU')}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, budget {args.budget_s:.0f} s"
+          f"{', DRY RUN' if dry else ''}", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGALRM, _stop)
+    signal.alarm(max(1, int(args.hard_limit_s - (time.monotonic() - T0))))
+    stopped = False
+    try:
+        measure(dev, args, rec, Budget(args.budget_s, DRY_SCALE if dry else 1.0))
+    except Stopped as e:
+        stopped = True
+        results["stopped"] = f"{e} after {time.monotonic() - T0:.0f} s"
+        print(f"stopped: {results['stopped']}", flush=True)
+    finally:
+        signal.alarm(0)
+        rec.save()
+        rec.print_default(always=True)
     failed = [k for k, c in results["parity"].items() if not c["ok"]]
-    d = results["cuda_default"]
-    print(f"cuda default supported by these numbers: {d['kernels']} ({d['why']})"
-          f"{' [dry run: no meaningful numbers]' if dry else ''}")
     print(f"wrote {args.out / 'gpu_kernels.md'}; parity: {len(failed)} failed "
-          f"({time.perf_counter() - start:.0f} s)")
-    return 1 if failed else 0
+          f"({time.monotonic() - T0:.0f} s)", flush=True)
+    return 124 if stopped else 1 if failed else 0
 
 
 if __name__ == "__main__":

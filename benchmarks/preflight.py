@@ -15,7 +15,10 @@ It prints one line per check (PASS/FAIL) and exits 1 if any failed:
    launcher gives it and compiled for Hopper by Triton's own code generator and bundled ptxas,
    no GPU needed; the GEMMs also with the tiles DenseNet-121's first block at batch 256 gets;
 3. the Triton and torch.compile tests under TRITON_INTERPRET=1;
-4. the GPU script's ``--dry-run`` (its parity checks on tiny shapes, under the interpreter).
+4. the GPU script's ``--dry-run`` (every section on tiny shapes, under the interpreter), then
+   cut by its budget (``--budget-s 1``: parity only) and stopped by SIGTERM after its first
+   parity check: each must leave whole json and markdown with what it measured and the CUDA
+   default line.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,11 +215,74 @@ def _helpers(kernels: dict) -> set[str]:
             if any(re.search(rf"\b{n}\(", src) for m, src in sources.items() if m != n)}
 
 
+_ENV = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+DEFAULT_LINE = "cuda default supported by these numbers:"
+
+
 def run_step(name: str, cmd: list[str]) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_ENV, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     report(proc.returncode == 0, name, tail[-1] if tail else f"exit {proc.returncode}")
+
+
+def _written(out: Path, stdout: str) -> tuple[dict, list[str]]:
+    """The GPU script's json, and what is wrong with what it wrote and printed: both files
+    whole, the CUDA default line in the markdown and last-but-one on stdout."""
+    try:
+        results = json.loads((out / "gpu_kernels.json").read_text())
+        md = (out / "gpu_kernels.md").read_text()
+    except (OSError, ValueError) as e:
+        return {}, [f"unreadable output: {e}"]
+    lines = stdout.strip().splitlines()
+    wrong = [] if DEFAULT_LINE in md and "cuda_default" in results else ["no default in files"]
+    if len(lines) < 2 or not lines[-2].startswith(DEFAULT_LINE):
+        wrong.append("no default line at the end of stdout")
+    return results, wrong
+
+
+def check_gpu_script() -> None:
+    """The GPU script's dry run whole, cut by its budget, and stopped by SIGTERM mid-parity: each
+    leaves whole json and markdown with what it measured and the CUDA default line."""
+    tmp = Path(tempfile.mkdtemp(prefix="densenets-preflight-"))
+    dry = [sys.executable, "benchmarks/gpu_kernels.py", "--dry-run", "--out"]
+    for name, extra in (("gpu script dry run", []), ("gpu script budget cut", ["--budget-s", "1"])):
+        out = tmp / name.split()[-1]
+        proc = subprocess.run(dry + [str(out), *extra], cwd=ROOT, env=_ENV, capture_output=True,
+                              text=True)
+        results, wrong = _written(out, proc.stdout)
+        comps = results.get("comparisons", [])
+        done = [c["name"] for c in comps if "results" in c]
+        cut = [c["name"] for c in comps if "needs about" in c.get("skipped", "")]
+        if proc.returncode != 0:
+            err = (proc.stderr.strip().splitlines() or [""])[-1]
+            wrong.append(f"exit {proc.returncode}: {err}")
+        if len(results.get("parity", {})) != 6:
+            wrong.append("parity incomplete")
+        measured, skipped = (cut, done) if extra else (done, cut)  # 3 run on a CPU
+        if len(measured) < 3 or skipped:
+            wrong.append(f"measured {done}, cut by the budget {cut}")
+        report(not wrong, name, "; ".join(wrong) or
+               f"{len(results['parity'])} parity checks, {len(done)} comparisons measured, "
+               f"{len(cut)} cut by the budget, default line written")
+    out = tmp / "stopped"
+    proc = subprocess.Popen(dry + [str(out)], cwd=ROOT, env=_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(("ok ", "FAIL ")):
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen += proc.stdout.readlines()
+    rc = proc.wait(timeout=120)
+    results, wrong = _written(out, "".join(seen))
+    if rc != 124 or "stopped" not in results or not results.get("parity"):
+        wrong.append(f"exit {rc}, stopped={results.get('stopped')}, "
+                     f"parity={len(results.get('parity', {}))}")
+    report(not wrong, "gpu script stopped", "; ".join(wrong) or
+           f"SIGTERM after {len(results['parity'])} parity check(s): exit 124, files whole, "
+           "default line written")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -231,8 +300,7 @@ def main() -> int:
         run_step("interpreter tests", [sys.executable, "-m", "pytest", "-q", "-p",
                                        "no:cacheprovider", "tests/test_triton_kernels.py",
                                        "tests/test_compile.py"])
-        run_step("gpu script dry run", [sys.executable, "benchmarks/gpu_kernels.py",
-                                        "--dry-run", "--out", "/tmp/densenets-preflight"])
+        check_gpu_script()
     bad = [name for ok, name, _ in _results if not ok]
     print(f"pre-flight: {len(_results) - len(bad)}/{len(_results)} checks passed"
           + (f"; failed: {', '.join(bad)}" if bad else ""))

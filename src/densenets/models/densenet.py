@@ -1,6 +1,8 @@
 """DenseNet: stems, dense blocks, transitions, the classifier, and He initialisation."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: torch.fx writes the root forward's annotations
+# into the code it generates, and a string annotation there becomes a name (``_torch_Tensor_``)
+# that TorchScript cannot resolve when the traced module is scripted.
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -329,7 +331,7 @@ class DenseNet(TimmContract, nn.Module):
         return {"stem": stem, "blocks": [(r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
                                          (r"^features\.transition(\d+)", MATCH_PREV_GROUP)]}
 
-    def set_memory_efficient(self, enabled: bool = True) -> DenseNet:
+    def set_memory_efficient(self, enabled: bool = True) -> "DenseNet":
         """Switch every dense block between the plain and the memory-efficient forward."""
         self.config.memory_efficient = enabled
         for m in self.modules():

@@ -18,7 +18,9 @@ models as timm publishes them (``stem.0``, ``dense_stages.{i}.{j}.dense_block{m}
 ``head.norm``, ``head.fc``), so those checkpoints load key for key.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: torch.fx writes the root forward's annotations
+# into the code it generates, and a string annotation there becomes a name (``_torch_Tensor_``)
+# that TorchScript cannot resolve when the traced module is scripted.
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -196,7 +198,7 @@ class RDNet(TimmContract, nn.Module):
         rates = [cfg.drop_path_rate * i / max(n_mixers - 1, 1) for i in range(n_mixers)]
         channels, reduction = cfg.num_init_features, cfg.patch_size
         blocks: list[nn.Module] = []
-        self.feature_info: list[dict] = []
+        self.feature_info = []  # (unannotated: TorchScript would read an annotation here)
         for i, growth in enumerate(cfg.growth_rates):
             parts: list[nn.Module] = []
             if i > 0:

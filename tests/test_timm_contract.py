@@ -1,16 +1,15 @@
-"""Issue 13: timm's model contract on our DenseNets.
+"""timm's model contract on our DenseNets, piece by piece.
 
-The first part is an adapter for timm's own model tests (its tests/test_models.py: forward,
-backward, default_cfgs, forward_features, forward_intermediates, torchscript, fx), the same
-checks in the same order, with ``create_model`` being ours, run over densenet121 and a CIFAR
-DenseNet-BC. timm's helpers (``resolve_data_config``, ``FeatureInfo``, ``group_parameters``,
-torchvision's FX feature extractor with timm's tracer settings) read our models as they read
-timm's. The second part checks each piece against timm's densenet121 with the same weights.
+timm's own model tests (its tests/test_models.py) run on our models in tests/test_timm_models.py.
+Here each piece of the contract is checked against timm's densenet121 with the same weights:
+intermediates, pooling heads, pruning, parameter groups, the data config timm resolves, and the
+``features_only`` kinds timm's ``feature_cls`` names; then the contract's own rules (timm's
+keywords of create_model, the index rule, input checks) on both families.
 """
 
 from __future__ import annotations
 
-import math
+import pickle
 import warnings
 
 import pytest
@@ -19,170 +18,16 @@ from torch import nn
 
 timm = pytest.importorskip("timm")
 
-from timm.layers import get_channel_dim, get_spatial_dim  # noqa: E402
-from timm.models import get_notrace_functions, get_notrace_modules  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
-from torchvision.models.feature_extraction import (  # noqa: E402
-    NodePathTracer,
-    create_feature_extractor,
-    get_graph_node_names,
-)
 
 from densenets import DenseNet, create_model, save  # noqa: E402
 from densenets.weights.keymap import remap_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-# timm's test sizes (tests/test_models.py), a CIFAR model's 32 px being below all of them
-TARGET_FWD_SIZE, TARGET_BWD_SIZE, TARGET_JIT_SIZE = 384, 128, 128
-TARGET_FFEAT_SIZE, TARGET_FWD_FX_SIZE, TARGET_BWD_FX_SIZE = 96, 128, 128
-MAX_FWD_OUT_SIZE = 448
-MODELS = ["densenet121", "densenet-bc-40-k12", "rdnet_tiny"]
-
-
-def input_size(model: nn.Module, target: int | None = None) -> tuple[int, ...]:
-    """timm's _get_input_size: the pretrained_cfg's size, capped at ``target``."""
-    size = model.default_cfg["input_size"]
-    if target and max(size) > target:
-        size = tuple(min(x, target) for x in size)
-    return size
-
-
-def fx_model(model: nn.Module, train: bool = False) -> nn.Module:
-    """timm's _create_fx_model: torchvision's feature extractor with timm's tracer settings."""
-    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                  param_shapes_constant=True)
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
-    train_return = [train_nodes[-1]]
-    if train:
-        graph = NodePathTracer(**kwargs).trace(model)
-        nodes = list(reversed(graph.nodes))
-        outs = [n.name for n in nodes[0]._input_nodes]
-        names = [n.name for n in nodes]
-        train_return = [train_nodes[-names.index(o)] for o in outs]
-    return create_feature_extractor(model, train_return_nodes=train_return,
-                                    eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kwargs)
-
-
-# ---------------------------------------------------------------- timm's model tests, adapted
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_forward(name):
-    model = create_model(name, pretrained=False).eval()
-    x = torch.randn(1, *input_size(model, TARGET_FWD_SIZE))
-    out = model(x)
-    assert out.shape[0] == 1 and not torch.isnan(out).any()
-    model.set_grad_checkpointing()
-    assert torch.allclose(model(x), out, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_backward(name):
-    model = create_model(name, pretrained=False, num_classes=42).train()
-    x = torch.randn(2, *input_size(model, TARGET_BWD_SIZE))
-    out = model(x)
-    out.mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
-    assert out.shape[-1] == 42 and not torch.isnan(out).any()
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_default_cfgs(name):
-    model = create_model(name, pretrained=False).eval()
-    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
-    state = model.state_dict()
-    cfg = model.default_cfg
-    pool = cfg["pool_size"]
-    size = tuple(min(s, MAX_FWD_OUT_SIZE) for s in cfg["input_size"])
-    x = torch.randn(1, *size)
-    feat_axis, (h_axis, w_axis) = get_channel_dim("NCHW"), get_spatial_dim("NCHW")
-    with torch.no_grad():
-        out = model.forward_features(x)
-        pre = model.forward_head(out, pre_logits=True)
-        assert (out.shape[h_axis], out.shape[w_axis]) == pool
-        assert out.shape[feat_axis] == model.num_features
-        assert pre.shape[1] == model.head_hidden_size
-        model.reset_classifier(0)
-        assert model.num_classes == 0
-        pooled = model(x)
-        assert pooled.shape == pre.shape == (1, model.head_hidden_size)
-        model.reset_classifier(0, "")
-        unpooled = model(x)
-        assert unpooled.dim() == 4 and (unpooled.shape[h_axis], unpooled.shape[w_axis]) == pool
-        fresh = create_model(name, pretrained=False, num_classes=0, global_pool="").eval()
-        out = fresh(x)
-        assert out.dim() == 4 and (out.shape[h_axis], out.shape[w_axis]) == pool
-    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_forward_features(name):
-    model = create_model(name, pretrained=False, features_only=True).eval()
-    channels, reduction = model.feature_info.channels(), model.feature_info.reduction()
-    assert len(channels) >= 3
-    size = input_size(model, TARGET_FFEAT_SIZE)
-    outs = model(torch.randn(1, *size))
-    assert len(outs) == len(channels)
-    for c, r, o in zip(channels, reduction, outs, strict=True):
-        assert o.shape[1] == c and o.shape[0] == 1 and not torch.isnan(o).any()
-        assert o.shape[2] <= math.ceil(size[1] / r) + 1 and o.shape[3] <= math.ceil(size[2] / r) + 1
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_forward_intermediates(name):
-    model = create_model(name, pretrained=False).eval()
-    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
-    channels, reduction = info.channels(), info.reduction()
-    assert len(channels) >= 3
-    size = input_size(model, TARGET_FFEAT_SIZE)
-    x = torch.randn(1, *size)
-    out, inter = model.forward_intermediates(x, output_fmt="NCHW")
-    assert len(inter) == len(channels)
-    for c, r, o in zip(channels, reduction, inter, strict=True):
-        assert o.shape[1] == c and not torch.isnan(o).any()
-        # timm allows a map one larger than size / r; ours are exact (floor)
-        assert o.shape[2:] == (size[1] // r, size[2] // r)
-    assert torch.allclose(out, model.forward_features(x))
-    model.set_grad_checkpointing()
-    out3, _ = model.forward_intermediates(x, output_fmt="NCHW")
-    assert torch.allclose(out, out3, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_forward_torchscript(name):
-    model = create_model(name, pretrained=False).eval()
-    x = torch.randn(1, *input_size(model, TARGET_JIT_SIZE))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
-        scripted = torch.jit.script(model)
-    # without the profiling executor's first-run optimisation passes (seconds, same outputs)
-    with torch.no_grad(), torch.jit.optimized_execution(False):
-        out = scripted(x)
-        assert out.shape[0] == 1 and not torch.isnan(out).any()
-        assert torch.equal(out, model(x))
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_model_forward_fx(name):
-    model = create_model(name, pretrained=False).eval()
-    x = torch.randn(1, *input_size(model, TARGET_FWD_FX_SIZE))
-    with torch.inference_mode():
-        out = model(x)
-        fx_out = torch.cat(tuple(fx_model(model)(x).values()))
-        assert torch.equal(fx_out, out) and not torch.isnan(out).any()
-        assert torch.equal(torch.fx.symbolic_trace(model)(x), out)
-
-
-@pytest.mark.parametrize("name", MODELS[1:2])  # the CIFAR net: densenet121's costs ~10 s here
-def test_model_backward_fx(name):
-    model = create_model(name, pretrained=False, num_classes=42).train()
-    n_params = sum(p.numel() for p in model.parameters())
-    traced = fx_model(model, train=True)
-    out = torch.cat(tuple(traced(torch.randn(2, *input_size(model, TARGET_BWD_FX_SIZE))).values()))
-    out.mean().backward()
-    grads = [p.grad for p in traced.parameters()]
-    assert all(g is not None for g in grads) and sum(g.numel() for g in grads) == n_params
-    assert out.shape[-1] == 42
+# A reduced RDNet (three mixing blocks) for the tests of both families.
+SMALL_RDNET = dict(num_init_features=16, growth_rates=(8, 16, 16), downsample=(False, True, False),
+                   effective_se=(False, True, True), num_classes=5)
 
 
 @pytest.mark.parametrize("kw", [dict(drop_rate=0.2, head_drop_rate=0.1, global_pool="catavgmax"),
@@ -290,6 +135,95 @@ def test_group_matcher_groups_as_timm_does(pair):
     assert len({g["lr_scale"] for g in groups}) > 50  # one per dense layer, as timm's
 
 
+# timm's feature_cls kinds: what each returns for timm's densenet121 (taps 1..4 are the same
+# maps in both; our tap 0 is the stem after its max pool, timm's before it).
+KINDS = [  # feature_cfg, the output's type, its keys for out_indices (1, 3)
+    ({"feature_cls": "getter"}, list, None),
+    ({"feature_cls": "list"}, list, None),
+    ({"feature_cls": "dict"}, dict, ["1", "3"]),
+    ({"feature_cls": "hook"}, list, None),
+    ({"feature_cls": "hook", "return_dict": True}, dict,
+     ["features.denseblock1", "features.denseblock3"]),
+    ({"feature_cls": "fx"}, list, None),
+    ({"feature_cls": "fx", "return_dict": True}, dict, ["1", "3"]),
+]
+
+
+@pytest.fixture(scope="module")
+def timm_file(pair, tmp_path_factory):
+    """timm's densenet121 of ``pair`` as a file timm's own ``features_only`` builder loads."""
+    path = tmp_path_factory.mktemp("timm") / "densenet121.pth"
+    torch.save(pair[1].state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("cfg, kind, keys", KINDS)
+def test_each_feature_cls_returns_timms_maps_in_timms_form(pair, timm_file, cfg, kind, keys):
+    ours, _ = pair
+    x = torch.randn(1, 3, 64, 64)
+    # timm's densenet121 takes feature_cls alone (its builder passes a feature_cfg of its own),
+    # so its wrapper's return_dict is set on the wrapper
+    theirs = timm.create_model("densenet121", pretrained=True, features_only=True,
+                               out_indices=(1, 3), pretrained_cfg_overlay=dict(file=timm_file),
+                               feature_cls=cfg["feature_cls"]).eval()
+    theirs.return_dict = cfg.get("return_dict", getattr(theirs, "return_dict", None))
+    mine = create_model("densenet121", features_only=True, out_indices=(1, 3), feature_cfg=cfg)
+    assert set(mine.state_dict()) <= set(ours.state_dict())  # the model's keys, every kind
+    mine.load_state_dict({k: v for k, v in ours.state_dict().items() if k in mine.state_dict()})
+    mine.eval()
+    assert mine.feature_info.channels() == theirs.feature_info.channels() == [256, 1024]
+    assert mine.feature_info.reduction() == theirs.feature_info.reduction() == [4, 16]
+    with torch.no_grad():
+        got, want = mine(x), theirs(x)
+        _, maps = ours.forward_intermediates(x, indices=(1, 3))
+    assert isinstance(got, kind) and isinstance(want, kind)
+    if keys is not None:
+        assert list(got) == list(want) == keys
+        got, want = list(got.values()), list(want.values())
+    assert all(torch.equal(g, w) and torch.equal(g, m)
+               for g, w, m in zip(got, want, maps, strict=True))
+    mine.train()  # the fx kind switches to its training graph; every kind still gives maps
+    assert len(mine(x)) == 2
+
+
+def test_feature_cfg_carries_the_kind_and_its_options_and_explicit_arguments_win():
+    kw = dict(features_only=True, feature_cfg={"feature_cls": "dict", "out_indices": (0, 1),
+                                               "out_map": ["stem", "block1"]})
+    assert list(create_model("densenet-bc-16-k4", **kw)(torch.randn(1, 3, 32, 32))) == \
+        ["stem", "block1"]
+    backbone = create_model("densenet-bc-16-k4", features_only=True, out_indices=1,
+                            feature_cls="hook", feature_cfg={"feature_cls": "dict",
+                                                             "out_indices": (0, 1)})
+    assert isinstance(backbone(torch.randn(1, 3, 32, 32)), list) and backbone.out_indices == (3,)
+    for bad, match in [(dict(feature_cls="graph"), "feature_cls must be one of"),
+                       (dict(feature_cfg={"feature_cls": "list", "out_map": [1]}),
+                        "takes no out_map"),
+                       (dict(feature_cfg={"feature_cls": "hook", "default_hook_type": "pre"}),
+                        "default_hook_type"),
+                       (dict(feature_cls="dict", out_indices=(0, 1), feature_cfg={"out_map": [1]}),
+                        "out_map names 1 maps")]:
+        with pytest.raises(ValueError, match=match):
+            create_model("densenet-bc-16-k4", features_only=True, **bad)
+    with pytest.raises(ValueError, match="features_only=True"):
+        create_model("densenet-bc-16-k4", feature_cls="hook")
+
+
+@pytest.mark.parametrize("name, kw", [("densenet-bc-16-k4", {}), ("rdnet_tiny", SMALL_RDNET)])
+def test_the_hook_and_fx_backbones_survive_what_a_saved_model_goes_through(name, kw):
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for cls in ("hook", "fx"):
+            backbone = create_model(name, features_only=True, feature_cls=cls, **kw).eval()
+            want = backbone(x)
+            again = pickle.loads(pickle.dumps(backbone))  # hooks and graphs travel with it
+            assert all(torch.equal(a, b) for a, b in zip(again(x), want, strict=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+            scripted = torch.jit.script(backbone)  # the fx kind compiles for both families
+        with torch.jit.optimized_execution(False):
+            assert all(torch.equal(a, b) for a, b in zip(scripted(x), want, strict=True))
+
+
 def test_reset_classifier_to_features_and_back():
     model = create_model("densenet-bc-16-k4").eval()
     x = torch.randn(2, 3, 32, 32)
@@ -361,8 +295,6 @@ def test_input_checks_stay_for_eager_users_and_step_aside_when_traced():
 
 
 # One index rule for every family and for the backbone wrapper: a bool is refused everywhere.
-SMALL_RDNET = dict(num_init_features=16, growth_rates=(8, 16, 16), downsample=(False, True, False),
-                   effective_se=(False, True, True), num_classes=5)
 
 
 @pytest.mark.parametrize("name, kw", [("densenet-bc-16-k4", {}), ("rdnet_tiny", SMALL_RDNET)])

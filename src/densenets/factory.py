@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -26,6 +26,8 @@ __all__ = ["create_model", "densenet121", "densenet161", "densenet169", "densene
 def create_model(name: str, weights: str | os.PathLike | None = None,
                  features_only: bool = False,
                  out_indices: int | Sequence[int] | None = None,
+                 feature_cls: str | None = None,
+                 feature_cfg: Mapping[str, Any] | None = None,
                  **overrides: Any) -> nn.Module:
     """Build a zoo model by name; keyword overrides replace any of its constructor arguments.
 
@@ -36,13 +38,18 @@ def create_model(name: str, weights: str | os.PathLike | None = None,
     ``"hf-hub:ORG/NAME"`` a Hugging Face Hub repository, ``weights=PATH`` a local checkpoint;
     with a different ``num_classes`` everything but the classifier is loaded (see
     :mod:`densenets.weights.files`). ``features_only=True`` returns a backbone giving the maps
-    at the model's taps (``out_indices`` picks some, an int n the last n; see
+    at the model's taps (``out_indices`` picks some, an int n the last n), and timm's
+    ``feature_cls`` ("getter", "list", "dict", "hook", "fx") or ``feature_cfg`` (a dict with
+    ``feature_cls`` and that kind's options) say how they are taken and returned (see
     :mod:`densenets.models.backbone`). timm's keywords work as in ``timm.create_model``:
     ``pretrained=True``, ``in_chans``, ``global_pool``, ``num_classes=0``; a DenseNet's
     ``drop_rate`` stays the paper's dropout after every convolution and ``head_drop_rate`` is
     timm's ``drop_rate`` (see docs/timm.md). ``rdnet_tiny|small|base|large`` build RDNets
     (:mod:`densenets.models.rdnet`).
     """
+    if not features_only and (feature_cls is not None or feature_cfg is not None):
+        raise ValueError("feature_cls and feature_cfg choose a backbone's form: pass them with "
+                         "features_only=True")
     key = name.strip().lower()
     family = family_for(key)
     kw = _timm_keywords(family, overrides)
@@ -56,7 +63,9 @@ def create_model(name: str, weights: str | os.PathLike | None = None,
     # the data configuration the loaded weights were evaluated with, else the zoo entry's
     model.pretrained_cfg = family.pretrained_cfg(key, model.config.to_dict(),
                                                  meta.get("preprocessing"))
-    return family.features(model, out_indices) if features_only else model
+    if not features_only:
+        return model
+    return family.backbone(model, out_indices, feature_cls, feature_cfg)
 
 
 def _timm_keywords(family: Family, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,14 +11,14 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
 from . import rdnet, zoo
-from .backbone import FeatureExtractor
+from .backbone import FeatureDict, FeatureExtractor, FeatureHooks, backbone_options
 from .densenet import DenseNet, DenseNetConfig
 
 
@@ -44,6 +44,20 @@ class Family:
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         """A freshly initialised model from constructor arguments (a stored config)."""
         return self.model(**config)
+
+    def backbone(self, model: nn.Module, out_indices: int | Sequence[int] | None = None,
+                 feature_cls: str | None = None,
+                 feature_cfg: Mapping[str, Any] | None = None) -> nn.Module:
+        """``model`` as the ``features_only`` backbone of the kind timm's ``feature_cls``
+        names (see :mod:`densenets.models.backbone`); "getter" and "list" are the family's
+        ``features`` wrapper."""
+        kind, options = backbone_options(feature_cls, feature_cfg, out_indices)
+        if kind == "fx":  # torchvision is imported only for this kind
+            from .backbone_fx import FeatureGraph
+
+            return FeatureGraph(model, **options)
+        cls = {"dict": FeatureDict, "hook": FeatureHooks}.get(kind, self.features)
+        return cls(model, **options)
 
     def config_fields(self) -> set[str]:
         return {f.name for f in fields(self.config)}

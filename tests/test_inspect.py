@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from densenets import DenseNet, create_model, summary
+from densenets import DenseNet, RDNet, create_model, load, save, summary
 from densenets.analysis.summary import count_params
 
 
@@ -72,6 +74,32 @@ def test_summary_output_renders_and_serialises():
     d = s.to_dict()
     assert d["total_params"] == s.total_params and len(d["rows"]) == len(s.rows)
     assert d["rows"][0]["output_shape"] == [1, 24, 32, 32]
+
+
+SMALL_RDNET = dict(num_init_features=16, growth_rates=(8, 16), downsample=(False, True),
+                   effective_se=(False, True), num_classes=5)
+
+
+def shown_names(s) -> tuple[str, ...]:
+    """The name each rendering of a summary gives: repr, text title, JSON, notebook caption."""
+    caption = s._repr_html_().split("<caption>", 1)[1]
+    return (repr(s).split("'")[1], str(s).split("\n", 1)[0].split()[0],
+            json.loads(s.to_json())["model"], caption.split()[0])
+
+
+def test_summary_names_the_zoo_entry_the_model_was_created_from(tmp_path):
+    model = create_model("densenet-bc-16-k4")
+    assert shown_names(summary(model, (3, 32, 32))) == ("densenet-bc-16-k4",) * 4
+    rdnet = create_model("rdnet_tiny", **SMALL_RDNET)
+    assert shown_names(summary(rdnet, (3, 32, 32))) == ("rdnet_tiny",) * 4
+    # loaded weights carry their zoo name; a name passed in wins
+    loaded = load(save(model, tmp_path / "w.safetensors"))
+    assert shown_names(summary(loaded, (3, 32, 32)))[0] == "densenet-bc-16-k4"
+    assert shown_names(summary(model, (3, 32, 32), name="mine")) == ("mine",) * 4
+    # built from the class: no zoo entry, so the class
+    assert shown_names(summary(DenseNet(growth_rate=4, block_config=(2, 2), stem="cifar"),
+                               (3, 32, 32)))[0] == "DenseNet"
+    assert shown_names(summary(RDNet(**SMALL_RDNET), (3, 32, 32)))[0] == "RDNet"
 
 
 def test_summary_rejects_bad_input_sizes():

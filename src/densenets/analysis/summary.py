@@ -18,7 +18,7 @@ from torch import nn
 
 from ..models.densenet import DenseBlock, DenseNetConfig, Transition
 from ..models.rdnet import RDNet, RDNetConfig
-from ..models.registry import family_of, model_kinds
+from ..models.registry import family_of, model_kinds, zoo_name
 
 
 @dataclass
@@ -237,7 +237,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
 
     ``input_size`` is (N, C, H, W) or (C, H, W). A dense layer's row shows the block's
     concatenated feature map after that layer (k channels more than the row before).
-    The model's train/eval mode is restored afterwards; nothing in it changes.
+    The model's train/eval mode is restored afterwards; nothing in it changes. The summary
+    is titled ``name``, else the zoo entry the model was created from (``create_model``'s
+    name, or the one its loaded weights carry), else its class.
     """
     parts = _view(model, "summary").parts(model)
     size = tuple(int(s) for s in input_size)
@@ -279,7 +281,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
         for h in handles:
             h.remove()
 
-    result = Summary(name or getattr(model, "name", None) or "DenseNet", size)
+    result = Summary(name or zoo_name(model) or type(model).__name__, size)
     for p in parts:
         row_macs = sum(macs.get(sub, 0) for sub in p.module.modules())
         result.rows.append(Row(p.name, p.kind, shapes[p.module], count_params(p.module),

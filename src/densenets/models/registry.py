@@ -100,6 +100,15 @@ def family_of(model: object) -> Family | None:
     return next((f for f in FAMILIES.values() if isinstance(model, f.model)), None)
 
 
+def zoo_name(model: nn.Module) -> str | None:
+    """The zoo entry ``model`` was created from: its ``pretrained_cfg``'s ``architecture``
+    (``create_model`` sets it), else the name its loaded weights carry; None for a model built
+    from its class."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    meta = getattr(model, "weights_meta", None) or {}
+    return cfg.get("architecture") or meta.get("model_name") or None
+
+
 def family_for_config(config: Mapping[str, Any]) -> Family:
     """The family whose config dataclass has every key of a stored ``model_config`` (older
     checkpoints may lack newer fields; no two families share all of each other's)."""

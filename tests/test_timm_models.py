@@ -8,21 +8,28 @@ own densenet121 (``timm/densenet121``) runs alongside as the control the bodies 
 TorchScript runs without the profiling executor's optimisation passes (timm switches them off
 for its whole session). A few assertions go beyond timm's, each marked "beyond timm".
 
-Of timm's file, the tests of published weights (``test_model_inference``,
-``test_model_load_pretrained``, ``test_model_features_pretrained``) need downloads, and
-``test_model_default_cfgs_non_std`` and the NaFlexViT and Gemma tests are for transformers.
+The tests of published weights (``test_model_inference``, ``test_model_load_pretrained``,
+``test_model_features_pretrained``) run offline: see their section. timm's
+``test_model_default_cfgs_non_std`` and its NaFlexViT and Gemma tests are for transformers only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import warnings
 
 import pytest
 import torch
+from PIL import Image
+from support import vary_bn, write_hub_cache
 
 timm = pytest.importorskip("timm")
 
+import torchvision  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from timm import get_pretrained_cfg_value, set_scriptable  # noqa: E402
 from timm.layers import get_channel_dim, get_spatial_dim  # noqa: E402
 from timm.models import get_notrace_functions, get_notrace_modules  # noqa: E402
@@ -34,6 +41,8 @@ from torchvision.models.feature_extraction import (  # noqa: E402
 
 import densenets  # noqa: E402
 from densenets.models.registry import family_for  # noqa: E402
+from densenets.weights.keymap import remap_state_dict, to_legacy_keys  # noqa: E402
+from densenets.weights.pretrained import PRETRAINED  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -336,3 +345,94 @@ def test_model_forward_torchscript_with_features_fx(model_name, batch_size=1):
     for tensor in outputs:
         assert tensor.shape[0] == batch_size
         assert not torch.isnan(tensor).any()
+
+
+# ------------------------------------------------------------ published weights, offline
+# timm downloads them; here random stand-ins go through the same channels beforehand: the
+# Hugging Face Hub cache (densenetblur121d, rdnet_tiny) and torch.hub's cache (densenet121,
+# torchvision's file under its hash prefix). test_model_inference's reference tensors come from
+# timm's own model with the same weights; its owl image needs the real weights (class 24) and is
+# left out. timm's densenetblur121d, reading the same cache, is the control.
+
+PUBLISHED_CONTROL = "timm/densenetblur121d"
+# the models whose published weights live on the Hub -> their repository
+HUB = {"densenetblur121d": "timm/densenetblur121d.ra_in1k",
+       "rdnet_tiny": "naver-ai/rdnet_tiny.nv_in1k"}
+PUBLISHED = ["densenet121", *HUB, PUBLISHED_CONTROL]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Random weights in place of each model's published ones, and timm's model holding them."""
+    root = tmp_path_factory.mktemp("published")
+    refs = {}
+    for name, repo in HUB.items():
+        ref = vary_bn(timm.create_model(name, pretrained=False)).eval()
+        path = root / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+        write_hub_cache(root / "hf", repo, {"model.safetensors": path})
+        refs[name] = ref
+    tv = vary_bn(torchvision.models.densenet121(weights=None)).eval()
+    raw = root / "raw.pth"
+    torch.save(to_legacy_keys(tv.state_dict()), raw)
+    ref = timm.create_model("densenet121", pretrained=False).eval()
+    ref.load_state_dict(remap_state_dict(tv.state_dict()))
+    refs["densenet121"], refs[PUBLISHED_CONTROL] = ref, refs["densenetblur121d"]
+    return root, raw, refs
+
+
+@pytest.fixture
+def offline(published, monkeypatch):
+    """The caches hold the stand-in weights and nothing may be downloaded."""
+    root, raw, refs = published
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(root / "torch"))
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()[:8]
+    entry = PRETRAINED["densenet121"]
+    url = entry.url.rsplit("/", 1)[0] + f"/densenet121-{digest}.pth"
+    monkeypatch.setitem(PRETRAINED, "densenet121", dataclasses.replace(entry, url=url,
+                                                                       sha256=digest))
+    dst = root / "torch" / "checkpoints" / f"densenet121-{digest}.pth"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(raw.read_bytes())
+    return refs
+
+
+@pytest.mark.parametrize("model_name", PUBLISHED)
+def test_model_inference(offline, model_name, batch_size=1):
+    model = create_model(model_name, pretrained=True)
+    model.eval()
+    pp = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    ref = offline[model_name]
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn((batch_size, *model.pretrained_cfg["input_size"]), generator=g)
+    with torch.inference_mode():  # timm's rand_tensors, from timm's model with these weights
+        features = ref.forward_features(inputs)
+        rand_tensors = {"input": inputs, "output": ref(inputs), "features": features,
+                        "pre_logits": ref.forward_head(features, pre_logits=True)}
+    with torch.inference_mode():
+        rand_output = model(rand_tensors["input"])
+        rand_features = model.forward_features(rand_tensors["input"])
+        rand_pre_logits = model.forward_head(rand_features, pre_logits=True)
+        assert torch.allclose(rand_output, rand_tensors["output"], rtol=1e-3, atol=1e-4)
+        assert torch.allclose(rand_features, rand_tensors["features"], rtol=1e-3, atol=1e-4)
+        assert torch.allclose(rand_pre_logits, rand_tensors["pre_logits"], rtol=1e-3, atol=1e-4)
+    # beyond timm (its owl image needs the real weights): the resolved transform gives the
+    # model's input size from any image
+    image = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy())
+    assert tuple(pp(image).shape) == tuple(model.pretrained_cfg["input_size"])
+
+
+@pytest.mark.filterwarnings("ignore:adapted .* input channels:UserWarning")
+@pytest.mark.filterwarnings("ignore:classifier not loaded:UserWarning")
+@pytest.mark.parametrize("model_name", PUBLISHED)
+def test_model_load_pretrained(offline, model_name, batch_size=1):
+    in_chans = 3 if "pruned" in model_name else 1
+    create_model(model_name, pretrained=True, in_chans=in_chans, num_classes=5)
+    create_model(model_name, pretrained=True, in_chans=in_chans, num_classes=0)
+
+
+@pytest.mark.parametrize("model_name", PUBLISHED)
+def test_model_features_pretrained(offline, model_name, batch_size=1):
+    create_model(model_name, pretrained=True, features_only=True)

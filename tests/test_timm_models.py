@@ -134,6 +134,26 @@ def _check_maps(outputs, channels, reductions, input_size, batch_size, exact=Fal
             assert (o.shape[h_axis], o.shape[w_axis]) == (h // r, w // r)
 
 
+def _run_backbone(model, batch_size):
+    """The body timm's two features_only tests share: maps at the feature_info's channels and
+    reductions, at timm's feature input size."""
+    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
+    assert max(input_size) <= MAX_FFEAT_SIZE
+    outputs = model(torch.randn((batch_size, *input_size)))
+    _check_maps(outputs, model.feature_info.channels(), model.feature_info.reduction(),
+                input_size, batch_size)
+
+
+def _for_torchscript(model_name, **kwargs):
+    """The start timm's TorchScript tests share: the model built scriptable, in eval mode, and
+    timm's TorchScript input size."""
+    input_size = _get_input_size(model_name=model_name, target=TARGET_JIT_SIZE)
+    assert max(input_size) <= MAX_JIT_SIZE
+    with set_scriptable(True):
+        model = create_model(model_name, pretrained=False, **kwargs)
+    return model.eval(), input_size
+
+
 def _script(module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
@@ -219,11 +239,7 @@ def test_model_default_cfgs(model_name, batch_size=1):
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_model_forward_torchscript(model_name, batch_size=1):
-    input_size = _get_input_size(model_name=model_name, target=TARGET_JIT_SIZE)
-    assert max(input_size) <= MAX_JIT_SIZE
-    with set_scriptable(True):
-        model = create_model(model_name, pretrained=False)
-    model.eval()
+    model, input_size = _for_torchscript(model_name)
     scripted = _script(model)
     inputs = torch.randn((batch_size, *input_size))
     with torch.jit.optimized_execution(False):
@@ -237,25 +253,15 @@ def test_model_forward_torchscript(model_name, batch_size=1):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_model_forward_features(model_name, batch_size=1):
     model = create_model(model_name, pretrained=False, features_only=True).eval()
-    expected_channels = model.feature_info.channels()
-    expected_reduction = model.feature_info.reduction()
-    assert len(expected_channels) >= 3
-    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
-    assert max(input_size) <= MAX_FFEAT_SIZE
-    outputs = model(torch.randn((batch_size, *input_size)))
-    _check_maps(outputs, expected_channels, expected_reduction, input_size, batch_size)
+    assert len(model.feature_info.channels()) >= 3
+    _run_backbone(model, batch_size)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_model_forward_intermediates_features(model_name, batch_size=1):
     model = create_model(model_name, pretrained=False, features_only=True, feature_cls="getter")
     model.eval()
-    expected_channels = model.feature_info.channels()
-    expected_reduction = model.feature_info.reduction()
-    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
-    assert max(input_size) <= MAX_FFEAT_SIZE
-    outputs = model(torch.randn((batch_size, *input_size)))
-    _check_maps(outputs, expected_channels, expected_reduction, input_size, batch_size)
+    _run_backbone(model, batch_size)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -316,11 +322,7 @@ def test_model_backward_fx(model_name, batch_size=2):
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_model_forward_fx_torchscript(model_name, batch_size=1):
-    input_size = _get_input_size(model_name=model_name, target=TARGET_JIT_SIZE)
-    assert max(input_size) <= MAX_JIT_SIZE
-    with set_scriptable(True):
-        model = create_model(model_name, pretrained=False)
-    model.eval()
+    model, input_size = _for_torchscript(model_name)
     model = _script(_create_fx_model(model))
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         outputs = torch.cat(tuple(model(torch.randn((batch_size, *input_size))).values()))
@@ -332,12 +334,8 @@ def test_model_forward_fx_torchscript(model_name, batch_size=1):
 # passes one of its own), so the control is left out here.
 @pytest.mark.parametrize("model_name", MODELS[:-1])
 def test_model_forward_torchscript_with_features_fx(model_name, batch_size=1):
-    input_size = _get_input_size(model_name=model_name, target=TARGET_JIT_SIZE)
-    assert max(input_size) <= MAX_JIT_SIZE
-    with set_scriptable(True):
-        model = create_model(model_name, pretrained=False, features_only=True,
-                             feature_cfg={"feature_cls": "fx"})
-    model.eval()
+    model, input_size = _for_torchscript(model_name, features_only=True,
+                                         feature_cfg={"feature_cls": "fx"})
     model = _script(model)
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         outputs = model(torch.randn((batch_size, *input_size)))

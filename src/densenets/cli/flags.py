@@ -127,7 +127,8 @@ def model_from_file(args: argparse.Namespace):
         flags = ", ".join("--" + k.replace("_", "-") for k in fixed) or "--weights"
         raise ValueError(f"{flags} applies to a zoo name; the file {args.model} already "
                          "fixes the architecture and weights")
-    model = notes_to_stderr(args, lambda: load(args.model))
+    ema = getattr(args, "ema", False)  # the verbs that take --ema (predict, export)
+    model = notes_to_stderr(args, lambda: load(args.model, ema=ema))
     return model.weights_meta.get("model_name") or Path(args.model).stem, model
 
 
@@ -136,5 +137,8 @@ def model_of(args: argparse.Namespace):
     (with ``--weights`` when the verb takes it); adaptation notes go to stderr."""
     if is_file_spec(args.model):
         return model_from_file(args)
+    if getattr(args, "ema", False):
+        raise ValueError(f"--ema reads the EMA of the weights a training run kept: pass the run "
+                         f"directory or its checkpoint, not the zoo name {args.model}")
     weights = getattr(args, "weights", None)
     return notes_to_stderr(args, lambda: model_from_args(args, weights))

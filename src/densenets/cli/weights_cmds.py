@@ -2,7 +2,8 @@
 
 CHECKPOINT_OR_MODEL is a weights file (a training checkpoint or state dict in .pt/.pth, a
 .safetensors file), a run directory (its best.pt), or a zoo name with random weights unless
-``--weights imagenet|PATH`` is given.
+``--weights imagenet|PATH`` is given. ``--ema`` takes the exponential moving average of the
+weights a run trained with ``--ema-decay`` kept (:func:`densenets.load` with ``ema=True``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="imagenet|hf-hub:ORG/NAME|PATH",
                    help="for a zoo name: the published ImageNet weights (torchvision's; the "
                         "Hub's for densenetblur121d and RDNet), a Hub repository or a local file")
+    p.add_argument("--ema", action="store_true",
+                   help="a training checkpoint's EMA of the weights (a run with --ema-decay)")
 
 
 def is_random(args: argparse.Namespace) -> bool:
@@ -69,7 +72,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     diff, scale = (None, None) if args.no_check else verify(
         out, args.format, model, batch_size=check_batch, input_size=size)
     ok = diff is None or within_tolerance(diff, scale, args.tolerance)
-    info = {"model": name, "file": str(result.path), "format": result.format,
+    info = {"model": name, "ema": args.ema, "file": str(result.path), "format": result.format,
             "exporter": result.exporter, "example_input": list(result.input_shape),
             "dynamic_batch": result.dynamic_batch, "bytes": result.path.stat().st_size,
             "opset": result.opset, "max_abs_diff": diff, "max_abs_output": scale,
@@ -78,7 +81,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         extra = f", opset {result.opset}" if result.opset else ""
-        print(f"exported {name} to {result.path} ({result.format} via {result.exporter}{extra}, "
+        print(f"exported {_named(name, args)} to {result.path} ({result.format} via "
+              f"{result.exporter}{extra}, "
               f"input {'x'.join(map(str, result.input_shape[1:]))}, "
               f"{'dynamic' if result.dynamic_batch else 'fixed'} batch, "
               f"{_size(info['bytes'])})")
@@ -96,6 +100,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _named(name: str, args: argparse.Namespace) -> str:
+    """The model as the verbs print it: its name, and which of a run's weights it carries."""
+    return f"{name} (EMA weights)" if args.ema else name
 
 
 RANDOM_WEIGHTS = ("random weights: this network is untrained, so its classes mean nothing; "
@@ -116,14 +125,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         warning = {"warning": RANDOM_WEIGHTS} if random else {}
         print(json.dumps({"model": name, "source": meta.get("source"),
-                          "weights": "random" if random else "trained", **warning,
+                          "weights": "random" if random else "trained", "ema": args.ema,
+                          **warning,
                           "preprocessing": meta["preprocessing"], **report.to_dict()}, indent=2))
     else:
         pre = meta["preprocessing"]
         resize = pre.get("resize") or pre["crop"]
         labels = "its class names" if meta["class_names"] else "class indices (no names stored)"
         caution = f" ({RANDOM_WEIGHTS})" if random else ""
-        print(f"{name}{caution}: resize {resize}, centre crop {pre['crop']}, "
+        print(f"{_named(name, args)}{caution}: resize {resize}, centre crop {pre['crop']}, "
               f"{pre.get('interpolation', 'bilinear')}; {labels}")
         for p in report.predictions:
             if p.preprocessed:  # what was done to this image beyond reading it

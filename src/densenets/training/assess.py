@@ -10,26 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..device import resolve_device
+from ..weights.files import training_weights
 from . import distributed
 from .checkpoint import load_checkpoint
 from .data import build_data
 from .evaluate import evaluate
 from .model import model_from_checkpoint
 from .recipes import TrainConfig, check_amp, resolve
-
-
-def weights_of(state: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Tensor]:
-    """The model's weights from a checkpoint, or those of its EMA (``--ema``)."""
-    if not ema:
-        return state["model"]
-    if not state.get("ema"):
-        raise ValueError(f"{path} holds no EMA of the weights: the run did not keep one (train "
-                         "with --ema-decay D, or drop --ema)")
-    prefix = "module."  # the averaged copy's keys; its step counter n_averaged is not a weight
-    return {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
 
 
 def checkpoint_of_run(path: str) -> tuple[Path, dict]:
@@ -86,7 +74,7 @@ def evaluate_checkpoint(source: str, *, recipe: str | None = None, split: str | 
                              f"{'val' if split == 'test' else 'test'}")
         _, model = model_from_checkpoint(state)
         model.set_grad_checkpointing(False)  # no backward in evaluation: nothing to save
-        model.load_state_dict(weights_of(state, path, ema))
+        model.load_state_dict(training_weights(state, path, ema))
         if built.num_classes != model.config.num_classes:
             raise ValueError(f"the {cfg.recipe} {split} data has {built.num_classes} classes but "
                              f"the checkpoint's model predicts {model.config.num_classes}")

@@ -91,14 +91,39 @@ def _state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
     return layout.canonical(obj), layout.family
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def no_ema(path: str | os.PathLike, why: str) -> ValueError:
+    """The one-line refusal of ``ema`` for a file that keeps no EMA of the weights."""
+    return ValueError(f"{path} holds no EMA weights: {why}; drop --ema (ema=True in Python)")
+
+
+def training_weights(state: dict[str, Any], path: str | os.PathLike,
+                     ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights a densenets checkpoint holds: the model's, or with ``ema`` the exponential
+    moving average a run trained with ``--ema-decay`` kept beside it (parameters and buffers,
+    BN running statistics included, as the average holds them)."""
+    if not ema:
+        return state["model"]
+    if not state.get("ema"):
+        raise no_ema(path, "it was trained without --ema-decay" if "ema" in state else
+                     "only the checkpoints of a run trained with --ema-decay keep one")
+    # torch.optim.swa_utils.AveragedModel's keys: the averaged module's under "module.", beside
+    # its step counter n_averaged, which is no weight of the model.
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+
+
+def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
     """Read any supported weights file into a :class:`Checkpoint` with canonical keys.
 
     Accepts our training checkpoints and weight files, safetensors files (ours, timm's), bare
     state dicts from torchvision (current or legacy keys), timm, DataParallel/DDP, and common
-    wrappers (``{"state_dict": ...}``, ``{"model": ...}``).
+    wrappers (``{"state_dict": ...}``, ``{"model": ...}``). ``ema``: the EMA of the weights a
+    training checkpoint kept instead of the model's (see :func:`training_weights`).
     """
     p = _resolve_path(path)
+    if ema and p.suffix == ".safetensors":
+        raise no_ema(p, "a safetensors file holds one set of weights; pass the run directory "
+                        "or its .pt checkpoint")
     if p.suffix == ".safetensors":
         sd, md = _read_safetensors(p)
         config = json.loads(md["densenets.model_config"]) if "densenets.model_config" in md \
@@ -111,9 +136,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if int(obj.get("version", 1)) > 1:
             raise ValueError(f"{p} is checkpoint format version {obj['version']}; this "
                              "densenets reads version 1: upgrade densenets")
-        sd, family = _state_dict(obj["model"])
+        sd, family = _state_dict(training_weights(obj, p, ema))
         return Checkpoint(sd, obj.get("model_config"), dict(obj.get("meta") or {}),
                           obj.get("model_name"), str(p), family)
+    if ema:
+        raise no_ema(p, "it is a plain state dict, not a densenets training checkpoint")
     sd, family = _state_dict(obj)
     return Checkpoint(sd, path=str(p), family=family)
 
@@ -229,7 +256,7 @@ def pretrained_model(name: str, weights: str | os.PathLike, **overrides: Any) ->
     return _built(name.strip().lower(), ckpt, overrides)
 
 
-def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+def load(path: str | os.PathLike, *, ema: bool = False, **overrides: Any) -> nn.Module:
     """Rebuild a model of any family from a weights file alone and load its weights.
 
     The architecture comes from the file's stored configuration (our checkpoints and
@@ -237,8 +264,15 @@ def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     The model's ``weights_meta`` holds class names, preprocessing and provenance. Overrides
     such as ``num_classes=10`` (fine-tuning) or ``memory_efficient=True`` change the built
     model. ``path`` may also be a folder written by :func:`save` or ``"hf-hub:org/name"``.
+    ``ema=True`` loads the exponential moving average of the weights that a run trained with
+    ``--ema-decay`` kept in its checkpoints (the same file as without it: a run directory's
+    best.pt); a file without one raises ValueError saying so.
     """
-    ckpt = _hub_checkpoint(path) if is_hub_id(path) else read_checkpoint(path)
+    if ema and is_hub_id(path):
+        raise no_ema(path, "Hub repositories hold one set of weights")
+    ckpt = _hub_checkpoint(path) if is_hub_id(path) else read_checkpoint(path, ema)
+    if ema:
+        ckpt.meta["ema"] = True  # provenance, beside the source file
     return _built(None, ckpt, overrides)
 
 
@@ -306,4 +340,5 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
 
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "KeyMismatchError", "default_weights", "load",
-           "load_into", "pretrained_model", "published_weights", "read_checkpoint", "save"]
+           "load_into", "pretrained_model", "published_weights", "read_checkpoint", "save",
+           "training_weights"]

@@ -38,7 +38,7 @@ test: $(VENV)/.installed $(CHROMIUM)
 	$(BIN)/ruff check src tests benchmarks hubconf.py
 	$(BIN)/pytest -q --durations=25
 
-# The edit loop: all but the tests marked slow (over ~10 s) or dist (several processes).
+# The edit loop: all but the tests marked slow (over ~5 s) or dist (several processes).
 test-fast: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks hubconf.py
 	$(BIN)/pytest -q -m "not slow and not dist" --durations=10

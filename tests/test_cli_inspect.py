@@ -83,6 +83,7 @@ def test_errors_are_one_line_exit_2(capsys, argv, message):
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry():
     script = str(Path(sys.executable).with_name("densenets"))
     p = subprocess.run([script, "summary", "densenet-bc-100-k12", "--json"],

@@ -94,6 +94,7 @@ def test_digits_modern_reaches_99_percent_stopped_and_resumed(tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["top1_err"] == pytest.approx(rows[-1][key])
 
 
+@pytest.mark.slow
 def test_rdnet_recipe_trains_evaluates_and_resumes_on_an_image_folder(tmp_path, capsys):
     data = write_image_folder(tmp_path / "data", per_class=2, size=36)
     out = tmp_path / "run"

@@ -109,6 +109,7 @@ def _wait_for_line(p: subprocess.Popen, prefix: str, timeout: float = 120) -> st
     raise AssertionError(f"process ended before printing {prefix!r}: {p.stderr.read()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_last_checkpoint_prints_how_to_resume_and_exits(tmp_path, sig, code):
     out = tmp_path / "run"
@@ -146,6 +147,7 @@ os.fsync = fsync
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to spot the save")
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     out, flag = tmp_path / "run", tmp_path / "holding"

@@ -1,5 +1,5 @@
 """Memory-efficient blocks with the rest of PyTorch: linear saved memory, AMP, torch.compile,
-DDP, fallbacks, and the kernel build."""
+fallbacks, and the kernel build."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ product over that view.
 
 - Every channel's batch mean and variance are computed once, when the channel is produced: in
   training mode all the layers that read a channel normalise the same data, so each layer
-  applies only its own affine.
+  applies only its own affine. With instance norm the statistics are per sample and channel
+  (one set per sample's rows, ``Saved.mean`` [N, C]) and are shared the same way.
 - BN1-ReLU of the prefix (O(L^2) values over the block) is never stored: backward recomputes it.
   Per layer only the bottleneck output (4k channels) and its statistics are kept.
 - BN1's backward is linear in the incoming gradient, so the terms of every layer reading a
@@ -54,6 +55,7 @@ class BlockSpec:
     eps2: float
     compute_dtype: torch.dtype  # activations and convolutions
     channels_last: bool  # the input is channels-last: the output is the block buffer itself
+    instance: bool = False  # instance norm: statistics per sample and channel, not per channel
 
     @property
     def num_layers(self) -> int:
@@ -100,10 +102,10 @@ class Saved:
     """What backward reads, by name. A field a backend does not keep is an empty tensor; the
     statistics are in the accumulation dtype, the rest in the compute dtype."""
 
-    mean: Tensor  # [C] BN1's batch mean of every channel of the block
+    mean: Tensor  # [C] BN1's batch mean of every channel of the block ([N, C]: instance norm)
     var: Tensor  # [C] biased variance (the running statistics take it)
     invstd: Tensor  # [C]
-    mean2: Tensor  # [L, 4k] BN2's, per layer (empty without a bottleneck)
+    mean2: Tensor  # [L, 4k] BN2's, per layer (empty without a bottleneck; [L, N, 4k]: instance)
     var2: Tensor
     invstd2: Tensor
     xhat: Tensor  # [M, C] the normalised block (backends that keep normalised copies)
@@ -114,7 +116,8 @@ class Saved:
     noises: list[Tensor] = field(default_factory=list)  # dropout masks, in the order drawn
 
     @staticmethod
-    def new(spec: BlockSpec, m: int, device: torch.device, normalises_on_load: bool) -> Saved:
+    def new(spec: BlockSpec, m: int, device: torch.device, normalises_on_load: bool,
+            batch: int) -> Saved:
         """A record with every tensor allocated but ``block`` and ``noises``."""
         c, layers, b = spec.out_channels, spec.num_layers, spec.inter_channels
         cdt, acc = spec.compute_dtype, spec.acc_dtype
@@ -123,9 +126,12 @@ class Saved:
             return torch.empty(shape, dtype=dtype, device=device)
 
         on_load, none = normalises_on_load, (0,)
-        stats2 = (layers, b) if b else none
+        groups = (batch,) if spec.instance else ()  # one set of statistics per sample
+        stats2 = (layers, *groups, b) if b else none
         per_layer = (layers, m, b) if b else none
-        return Saved(new(c), new(c), new(c), new(*stats2), new(*stats2), new(*stats2),
+        stats = (*groups, c)
+        return Saved(new(*stats), new(*stats), new(*stats), new(*stats2), new(*stats2),
+                     new(*stats2),
                      xhat=new(*(none if on_load else (m, c)), dtype=cdt),
                      zhat=new(*(none if on_load else per_layer), dtype=cdt),
                      block=new(*none, dtype=cdt),
@@ -173,10 +179,10 @@ def forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[T
     n, c0, *spatial = x.shape
     spatial_rank(x.shape)
     m, c_out, k, cdt = x.numel() // c0, spec.out_channels, spec.growth_rate, spec.compute_dtype
-    if m <= 1:
+    if m // (n if spec.instance else 1) <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
-    saved = Saved.new(spec, m, x.device, passes.normalises_on_load)
+    saved = Saved.new(spec, m, x.device, passes.normalises_on_load, n)
     # Returned as the output (channels-last) or kept for backward: a fresh buffer; else scratch.
     keep = spec.channels_last or passes.normalises_on_load
     shape = (n, *spatial, c_out)
@@ -253,7 +259,7 @@ def fake_forward(passes: type[Passes], spec: BlockSpec, x: Tensor) -> tuple[Tens
     """Empty tensors shaped, strided and typed as :func:`forward`'s results (for tracing)."""
     n, c0, *spatial = x.shape
     m, cdt, dev = x.numel() // c0, spec.compute_dtype, x.device
-    saved = Saved.new(spec, m, dev, passes.normalises_on_load)
+    saved = Saved.new(spec, m, dev, passes.normalises_on_load, n)
     if passes.normalises_on_load and not spec.channels_last:
         saved.block = torch.empty((m, spec.out_channels), dtype=cdt, device=dev)
     widths = ([spec.inter_channels] if spec.bottleneck else []) + [spec.growth_rate]

@@ -35,24 +35,31 @@ __all__ = ["backend", "clear_workspaces", "efficient_block_forward", "unsupporte
 _warned: set[str] = set()
 
 
+# The norms whose statistics a block can share, and the convolutions it fuses, per rank.
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
 def unsupported_reason(block: nn.Module) -> str | None:
     """Why ``block`` must run the plain path in training mode, or None if the efficient one works.
 
-    The shared statistics need plain BatchNorm2d layers in training mode with one eps per
-    position, and the fused layout needs the paper's convolutions (1x1 and 3x3/pad 1, stride 1,
-    no bias, no groups).
+    The shared statistics need one kind of norm in training mode with one eps per position:
+    affine batch norm (statistics per channel) or instance norm (per sample and channel; every
+    layer reading a channel normalises it the same way too). Group norm's statistics span a
+    group of channels that changes as the block grows, so nothing can be shared. The fused layout
+    needs the paper's convolutions (1x1 and 3x3/pad 1, stride 1, no bias, no groups).
     """
     layers = block.layers
+    rank = len(layers[0].conv1.kernel_size)
     norms1 = [layer.norm1 for layer in layers]
     norms2 = [layer.norm2 for layer in layers if layer.bottleneck]
-    for bn in norms1 + norms2:
-        if type(bn) is not nn.BatchNorm2d or not bn.affine:
-            return f"{type(bn).__name__} (affine={bn.affine}) is not a plain affine BatchNorm2d"
-        if not bn.training:
-            return "a BatchNorm layer is in eval mode (frozen statistics) inside a training block"
+    reason = _norm_problem(norms1 + norms2, rank)
+    if reason is not None:
+        return reason
     for group in (norms1, norms2):
         if len({bn.eps for bn in group}) > 1:
-            return "the BatchNorm layers of one block use different eps"
+            return "the norm layers of one block use different eps"
     if len({(layer.bottleneck, layer.conv1.out_channels) for layer in layers}) > 1:
         return "the layers of one block differ in their bottleneck"
     for layer in layers:
@@ -60,12 +67,34 @@ def unsupported_reason(block: nn.Module) -> str | None:
         if layer.bottleneck:
             convs.append((layer.conv2, 3))
         for conv, size in convs:
-            if (type(conv) is not nn.Conv2d or conv.bias is not None or conv.groups != 1
-                    or conv.kernel_size != (size, size) or conv.stride != (1, 1)
-                    or conv.dilation != (1, 1) or conv.padding != (size // 2, size // 2)
+            if (type(conv) is not _CONVS[rank] or conv.bias is not None or conv.groups != 1
+                    or conv.kernel_size != (size,) * rank or conv.stride != (1,) * rank
+                    or conv.dilation != (1,) * rank or conv.padding != (size // 2,) * rank
                     or conv.padding_mode != "zeros"):
                 return f"a convolution differs from the paper's {size}x{size} layout: {conv}"
     return None
+
+
+def _norm_problem(norms: list[nn.Module], rank: int) -> str | None:
+    kinds = {type(bn) for bn in norms}
+    if len(kinds) > 1:
+        return f"one block mixes norms ({', '.join(sorted(k.__name__ for k in kinds))})"
+    kind = kinds.pop()
+    if kind is nn.GroupNorm:
+        return ("group norm's statistics span groups of channels that change as the block "
+                "grows, so no layer can share them")
+    if kind is _BATCH_NORMS[rank]:
+        if not all(bn.affine for bn in norms):
+            return f"{kind.__name__} (affine=False) is not a plain affine batch norm"
+    elif kind is not _INSTANCE_NORMS[rank]:
+        return f"{kind.__name__} is not a batch or instance norm of rank {rank}"
+    if not all(bn.training for bn in norms):
+        return "a norm layer is in eval mode (frozen statistics) inside a training block"
+    return None
+
+
+def _is_instance(block: nn.Module) -> bool:
+    return isinstance(block.layers[0].norm1, nn.modules.instancenorm._InstanceNorm)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -77,26 +106,40 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _params(block: nn.Module) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for layer in block.layers:
-        out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+        out += [*_affine(layer.norm1), layer.conv1.weight]
         if layer.bottleneck:
-            out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+            out += [*_affine(layer.norm2), layer.conv2.weight]
     return out
 
 
+def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm's scale and shift; a norm without them (instance norm's default) applies 1 and 0,
+    passed as constants whose gradients are dropped."""
+    if norm.weight is not None:
+        return norm.weight, norm.bias
+    ref = next(iter(norm.parameters()), None) or norm.running_mean
+    kw = {"dtype": torch.get_default_dtype()} if ref is None else {"dtype": ref.dtype,
+                                                                     "device": ref.device}
+    return torch.ones(norm.num_features, **kw), torch.zeros(norm.num_features, **kw)
+
+
 @torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+def _update_running_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor,
                           count: int) -> None:
-    """What BatchNorm2d does in training mode: once per step, unbiased variance, momentum or
-    (momentum=None) the cumulative average."""
+    """What batch norm does in training mode: once per step, unbiased variance, momentum or
+    (momentum=None) the cumulative average. Instance norm's statistics ([N, c], ``count``
+    positions each) enter as their average over the samples, as instance norm averages them."""
     if not bn.track_running_stats or bn.running_mean is None:
         return
-    bn.num_batches_tracked.add_(1)
-    if bn.momentum is not None:
+    if mean.dim() == 2:  # instance norm counts no batches and takes momentum None as 0
+        mean, var, f = mean.mean(0), var.mean(0), bn.momentum or 0.0
+    elif bn.momentum is not None:
+        bn.num_batches_tracked.add_(1)
         f = bn.momentum
     elif torch.compiler.is_compiling():  # a tensor: no graph break on the count
-        f = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+        f = 1.0 / bn.num_batches_tracked.add_(1).to(bn.running_mean.dtype)
     else:
-        f = 1.0 / float(bn.num_batches_tracked)
+        f = 1.0 / float(bn.num_batches_tracked.add_(1))
     bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
     unbiased = var * (count / (count - 1))
     bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
@@ -210,18 +253,21 @@ def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     params = _params(block)
     bottleneck = layers[0].bottleneck
     kernels = _kernels_for(x.device.type, cdt, all(p.dtype == cdt for p in params))
+    instance = _is_instance(block)
+    if instance and kernels == "triton":  # their reductions span all rows: batch norm only
+        kernels = "torch"
     with torch.autocast(x.device.type, enabled=False):
         outs = torch.ops.densenets.dense_block(
             x.to(cdt), params, block.growth_rate,
             layers[0].conv1.out_channels if bottleneck else 0,
             [layer.drop_rate if layer.training else 0.0 for layer in layers],
             layers[0].norm1.eps, layers[0].norm2.eps if bottleneck else 0.0,
-            is_channels_last(x), kernels)
+            is_channels_last(x), kernels, instance)
     out, saved = ops.outputs(outs)
-    count = x.numel() // x.shape[1]
+    count = x.numel() // x.shape[1] // (x.shape[0] if instance else 1)
     for i, layer in enumerate(layers):
         c = x.shape[1] + i * block.growth_rate
-        _update_running_stats(layer.norm1, saved.mean[:c], saved.var[:c], count)
+        _update_running_stats(layer.norm1, saved.mean[..., :c], saved.var[..., :c], count)
         if bottleneck:
             _update_running_stats(layer.norm2, saved.mean2[i], saved.var2[i], count)
     return out

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 # The spatial ranks the blocks run at, each with the memory format a channels-last tensor of
 # that rank has. A rank enters here; the rest of the package follows.
-MEMORY_FORMATS: dict[int, torch.memory_format] = {2: torch.channels_last}
+# Signals (rank 1) have no channels-last format: their row view is always a copy.
+MEMORY_FORMATS: dict[int, torch.memory_format] = {
+    1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d}
 
 _conv_backward = torch.ops.aten.convolution_backward.default
 

@@ -43,27 +43,30 @@ def outputs(outs: list[Tensor]) -> tuple[Tensor, Saved]:
 
 
 def _spec(c0: int, dtype: torch.dtype, growth_rate: int, inter_channels: int,
-          drop_rates: list[float], eps1: float, eps2: float, channels_last: bool) -> BlockSpec:
+          drop_rates: list[float], eps1: float, eps2: float, channels_last: bool,
+          instance: bool) -> BlockSpec:
     return BlockSpec(in_channels=c0, growth_rate=growth_rate, inter_channels=inter_channels,
                      drop_rates=tuple(drop_rates), eps1=eps1, eps2=eps2, compute_dtype=dtype,
-                     channels_last=channels_last)
+                     channels_last=channels_last, instance=instance)
 
 
 @torch.library.custom_op("densenets::dense_block", mutates_args=())
 def dense_block(x: Tensor, params: list[Tensor], growth_rate: int, inter_channels: int,
                 drop_rates: list[float], eps1: float, eps2: float, channels_last: bool,
-                kernels: str) -> list[Tensor]:
-    """Training-mode forward of one dense block (see the module docstring for the outputs)."""
+                kernels: str, instance: bool = False) -> list[Tensor]:
+    """Training-mode forward of one dense block (see the module docstring for the outputs);
+    ``instance``: instance norm's statistics (per sample and channel) instead of batch norm's."""
     spec = _spec(x.shape[1], x.dtype, growth_rate, inter_channels, drop_rates, eps1, eps2,
-                 channels_last)
+                 channels_last, instance)
     with torch.no_grad():
         return _flatten(*algorithm.forward(BACKENDS[kernels], spec, x, params))
 
 
 @dense_block.register_fake
-def _(x, params, growth_rate, inter_channels, drop_rates, eps1, eps2, channels_last, kernels):
+def _(x, params, growth_rate, inter_channels, drop_rates, eps1, eps2, channels_last, kernels,
+      instance=False):
     spec = _spec(x.shape[1], x.dtype, growth_rate, inter_channels, drop_rates, eps1, eps2,
-                 channels_last)
+                 channels_last, instance)
     return _flatten(*algorithm.fake_forward(BACKENDS[kernels], spec, x))
 
 
@@ -71,12 +74,12 @@ def _(x, params, growth_rate, inter_channels, drop_rates, eps1, eps2, channels_l
 def dense_block_backward(grad_out: Tensor, result: Tensor, params: list[Tensor],
                          saved: list[Tensor], growth_rate: int, inter_channels: int,
                          drop_rates: list[float], eps1: float, eps2: float, channels_last: bool,
-                         kernels: str) -> list[Tensor]:
+                         kernels: str, instance: bool = False) -> list[Tensor]:
     """[dL/dx, *parameter gradients] of :func:`dense_block`; ``saved`` is its outputs after
     the first."""
     c0 = result.shape[1] - len(drop_rates) * growth_rate
     spec = _spec(c0, result.dtype, growth_rate, inter_channels, drop_rates, eps1, eps2,
-                 channels_last)
+                 channels_last, instance)
     with torch.no_grad():
         dx, grads = algorithm.backward(BACKENDS[kernels], spec, grad_out, result, params,
                                        _unflatten(saved))
@@ -86,7 +89,7 @@ def dense_block_backward(grad_out: Tensor, result: Tensor, params: list[Tensor],
 
 @dense_block_backward.register_fake
 def _(grad_out, result, params, saved, growth_rate, inter_channels, drop_rates, eps1, eps2,
-      channels_last, kernels):
+      channels_last, kernels, instance=False):
     n, c_out, *spatial = result.shape
     c0 = c_out - len(drop_rates) * growth_rate
     fmt = memory_format(len(spatial), channels_last)

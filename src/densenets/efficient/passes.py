@@ -6,6 +6,9 @@ Each channel is normalised once, when it is produced, into ``xhat`` [M, C] (and 
 output in place, into ``zhat``); a layer then applies only its own affine and ReLU. Every
 elementary pass below has both implementations with the same results; ``native`` picks one,
 once per block and step, so forward and backward agree.
+
+The passes that take statistics run once per set of them: once over all M rows (batch norm), or
+once per sample's rows (instance norm, whose rows of one sample are contiguous).
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ class TorchPasses:
         self.spec, self.s, self.block = spec, saved, block
         self.m = saved.xhat.shape[0]
         self.cdt, self.acc, self.dev = spec.compute_dtype, spec.acc_dtype, saved.xhat.device
+        groups = saved.mean.shape[0] if saved.mean.dim() == 2 else 1
+        step = self.m // groups
+        # the rows each set of statistics covers: all of them, or one sample's
+        self.groups = [slice(g * step, (g + 1) * step) for g in range(groups)]
+
+    @staticmethod
+    def _sets(t: torch.Tensor) -> torch.Tensor:
+        """Statistics as [sets, c]: one row for batch norm, one per sample for instance norm."""
+        return t.view(1, -1) if t.dim() == 1 else t
 
     def add_channels(self, c: int, new: torch.Tensor | None) -> None:
         s = self.s
@@ -53,8 +65,11 @@ class TorchPasses:
         else:
             src, copy = new, self.block[:, c:c + new.shape[1]]
         cols = slice(c, c + src.shape[1])
-        normalise(src, s.xhat[:, cols], self.spec.eps1, self.acc, self.native,
-                  (s.mean[cols], s.var[cols], s.invstd[cols]), copy=copy)
+        mean, var, invstd = (self._sets(t) for t in (s.mean, s.var, s.invstd))
+        for g, r in enumerate(self.groups):
+            normalise(src[r], s.xhat[r, cols], self.spec.eps1, self.acc, self.native,
+                      (mean[g, cols], var[g, cols], invstd[g, cols]),
+                      copy=None if copy is None else copy[r])
 
     def _bn1_relu(self, c: int, p: LayerParams) -> torch.Tensor:
         a = workspace("a", (self.m, c), self.cdt, self.dev)
@@ -72,8 +87,10 @@ class TorchPasses:
         if noise is not None:
             z.mul_(noise)
         hidden = workspace("b", (m, b), cdt, self.dev)
-        normalise(z, z, self.spec.eps2, self.acc, self.native,
-                  (s.mean2[i], s.var2[i], s.invstd2[i]), relu=(p.gamma2, p.beta2, hidden))
+        mean, var, invstd = (self._sets(t[i]) for t in (s.mean2, s.var2, s.invstd2))
+        for g, r in enumerate(self.groups):
+            normalise(z[r], z[r], self.spec.eps2, self.acc, self.native,
+                      (mean[g], var[g], invstd[g]), relu=(p.gamma2, p.beta2, hidden[r]))
         return hidden
 
     def recompute_conv_input(self, i: int, c: int, p: LayerParams) -> torch.Tensor:
@@ -89,14 +106,29 @@ class TorchPasses:
             dg1, db1 = bn_relu_backward(dh, h, s.xhat[:, :c], p.gamma1, p.beta1, g_sum[:, :c],
                                         accumulate, acc, self.native)
             return LayerParams(dg1, db1, None, None, None, None)
-        dz, dg2, db2 = bn_backward(dh, s.zhat[i], h, p.gamma2, p.beta2, s.invstd2[i], acc,
-                                   self.native)
+        dz, dg2, db2 = self._bn2_backward(i, p, dh, h)
         if noise is not None:
             dz = dz * noise
         w1 = p.w1.to(self.cdt).view(self.spec.inter_channels, c)
         dw1, dg1, db1 = self._conv1x1_backward(dz.to(self.cdt), w1, c, p, g_sum[:, :c],
                                                accumulate)
         return LayerParams(dg1, db1, dw1.view_as(p.w1), dg2, db2, None)
+
+    def _bn2_backward(self, i: int, p: LayerParams, dh, h):
+        """(dL/dz_raw, dgamma2, dbeta2) of layer i's BN2-ReLU, one set of statistics at a time
+        (dL/dz_raw lands in ``dh``'s rows where there is more than one set)."""
+        s, invstd = self.s, self._sets(self.s.invstd2[i])
+        if len(self.groups) == 1:
+            return bn_backward(dh, s.zhat[i], h, p.gamma2, p.beta2, invstd[0], self.acc,
+                               self.native)
+        dg2 = db2 = 0
+        for g, r in enumerate(self.groups):
+            dz, dg, db = bn_backward(dh[r], s.zhat[i][r], h[r], p.gamma2, p.beta2, invstd[g],
+                                     self.acc, self.native)
+            if dz.data_ptr() != dh[r].data_ptr():
+                dh[r].copy_(dz)
+            dg2, db2 = dg2 + dg, db2 + db
+        return dh, dg2, db2
 
     def _conv1x1_backward(self, dz, w1, c: int, p: LayerParams, g_sum, accumulate: bool):
         """Backward of z = relu(xhat * g1 + b1) @ w1.t(), in row chunks that stay in cache:
@@ -125,9 +157,15 @@ class TorchPasses:
         shape = (self.m, k)
         out = (workspace("d_new", shape, self.acc, self.dev) if scratch
                else torch.empty(shape, dtype=self.acc, device=self.dev))
-        s = self.s
-        return bn_input_grad(g_sum, s.xhat[:, c:c + k], s.invstd[c:c + k], direct, out,
-                             self.acc, self.native)
+        xhat, invstd = self.s.xhat[:, c:c + k], self._sets(self.s.invstd)[:, c:c + k]
+        if len(self.groups) == 1:
+            return bn_input_grad(g_sum, xhat, invstd[0], direct, out, self.acc, self.native)
+        for g, r in enumerate(self.groups):
+            d = bn_input_grad(g_sum[r], xhat[r], invstd[g], direct[r], out[r], self.acc,
+                              self.native)
+            if d.data_ptr() != out[r].data_ptr():
+                out[r].copy_(d)
+        return out
 
 
 class NativePasses(TorchPasses):

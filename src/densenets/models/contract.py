@@ -133,11 +133,14 @@ class Taps:
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError for an input this network cannot take, saying what would work."""
         noun = type(self.config).__name__.removesuffix("Config")  # type: ignore[attr-defined]
-        if x.dim() == 3:
-            raise ValueError(f"expected a batch (N, C, H, W) but got one image of shape "
+        dims = getattr(self.config, "spatial_dims", 2)  # type: ignore[attr-defined]
+        layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[dims]
+        if x.dim() == dims + 1:
+            raise ValueError(f"expected a batch {layout} but got one image of shape "
                              f"{tuple(x.shape)}; add the batch dimension: x.unsqueeze(0)")
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != dims + 2:
+            raise ValueError(f"expected a {dims + 2}-D batch {layout}, got shape "
+                             f"{tuple(x.shape)} (this {noun} has spatial_dims={dims})")
         weight = next(self.parameters(), None)  # type: ignore[attr-defined]
         held = torch.float32 if weight is None else weight.dtype
         # Under autocast the convolutions cast any floating input themselves.
@@ -155,10 +158,10 @@ class Taps:
                 f"this {noun} takes {c}-channel images but the input has {x.shape[1]} channels "
                 f"(shape {tuple(x.shape)}); build the model with in_channels={x.shape[1]} or "
                 f"convert the images to {c} channels")
-        h, w, m = int(x.shape[2]), int(x.shape[3]), self.min_input_size  # type: ignore
-        if min(h, w) < m:
-            raise ValueError(f"input {h}x{w} is too small for this {noun}: the minimum is "
-                             f"{m}x{m}")
+        sides, m = [int(s) for s in x.shape[2:]], self.min_input_size  # type: ignore
+        if min(sides) < m:
+            raise ValueError(f"input {'x'.join(map(str, sides))} is too small for this {noun}: "
+                             f"the minimum is {'x'.join([str(m)] * len(sides))}")
 
     @torch.jit.ignore
     def forward_intermediates(

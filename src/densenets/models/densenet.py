@@ -6,12 +6,25 @@
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .contract import MATCH_PREV_GROUP, TimmContract, check_config, is_eager
-from .layers import GLOBAL_POOLS, DenseLayer, Transition, compressed_channels, deep_stem, stem_pool
+from .layers import (
+    GLOBAL_POOLS,
+    DenseLayer,
+    Transition,
+    canonical_norm,
+    check_act,
+    check_spatial_dims,
+    compressed_channels,
+    conv_nd,
+    deep_stem,
+    norm_layer,
+    stem_pool,
+)
 from .layers import global_pool as make_global_pool
 from .zoo import final_map_side, pretrained_cfg
 
@@ -39,14 +52,21 @@ class DenseNetConfig:
     blur_pool: bool = False
     head_drop_rate: float = 0.0
     global_pool: str = "avg"
+    # 1: signals (N, C, L), 2: images (N, C, H, W), 3: volumes (N, C, D, H, W)
+    spatial_dims: int = 2
+    # "batch" (the paper's), "instance" or "group", or (name, options) as MONAI spells them
+    norm: Any = "batch"
 
     def __post_init__(self) -> None:
         self.block_config = tuple(self.block_config)
         validate_config(self)
+        self.norm = canonical_norm(self.norm)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block_config"] = list(self.block_config)
+        if not isinstance(self.norm, str):  # JSON has lists, not tuples
+            d["norm"] = [self.norm[0], dict(self.norm[1])]
         return d
 
 
@@ -70,6 +90,11 @@ def validate_config(c: DenseNetConfig) -> None:
     if (c.deep_stem or c.blur_pool) and c.stem != "imagenet":
         raise ValueError("deep_stem and blur_pool change the ImageNet stem; the cifar stem is one "
                          "3x3 convolution without pooling: use stem='imagenet' with them")
+    check_spatial_dims(c.spatial_dims)
+    if c.blur_pool and c.spatial_dims != 2:
+        raise ValueError(f"blur_pool is a 2D filter; spatial_dims={c.spatial_dims} takes the "
+                         "plain max pool: drop blur_pool")
+    canonical_norm(c.norm)
 
 
 class DenseBlock(nn.ModuleDict):
@@ -92,6 +117,8 @@ class DenseBlock(nn.ModuleDict):
         bn_size: int = 4,
         drop_rate: float = 0.0,
         memory_efficient: bool = False,
+        spatial_dims: int = 2,
+        norm: Any = "batch",
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
@@ -101,7 +128,7 @@ class DenseBlock(nn.ModuleDict):
         self.memory_efficient = memory_efficient
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size,
-                               drop_rate)
+                               drop_rate, spatial_dims, norm)
             self.add_module(f"denselayer{i + 1}", layer)
 
     @property
@@ -148,11 +175,17 @@ class DenseNet(TimmContract, nn.Module):
         num_classes: size of the classifier.
         in_channels: channels of the input image (1 for grayscale, more for multispectral).
         stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or "cifar" (one 3x3 conv).
-        memory_efficient: shared-buffer dense blocks whose memory is linear in depth.
+        memory_efficient: shared-buffer dense blocks whose memory is linear in depth (batch and
+            instance norm; group norm runs the plain blocks).
         deep_stem: three 3x3 convolutions (widths k, k, num_init_features) replace the 7x7.
         blur_pool: the stem's max pool samples through a blur (anti-aliased, stride 2).
         head_drop_rate: dropout on the pooled features before the classifier.
         global_pool: "avg", "max", "avgmax", "catavgmax", or "" (no pooling, num_classes=0).
+        spatial_dims: 1 (signals), 2 (images) or 3 (volumes): every convolution, pool and norm
+            follows; the names of modules and parameters do not change.
+        norm: "batch" (the paper's), "instance" or "group" (8 groups), or MONAI's spelling
+            (name, options), e.g. ("instance", {"affine": True}) or ("group", {"num_groups": 4}).
+        act: "relu" only (accepted for MONAI's signature; DenseNet's layers are BN-ReLU-Conv).
 
     Besides the paper's model it carries timm's model contract (see
     :mod:`densenets.models.contract`): ``num_classes``, ``pretrained_cfg``,
@@ -180,15 +213,19 @@ class DenseNet(TimmContract, nn.Module):
         blur_pool: bool = False,
         head_drop_rate: float = 0.0,
         global_pool: str = "avg",
+        spatial_dims: int = 2,
+        norm: Any = "batch",
+        act: Any = "relu",
     ) -> None:
         super().__init__()
+        check_act(act)
         cfg = DenseNetConfig(
             growth_rate=growth_rate, block_config=tuple(block_config),
             num_init_features=num_init_features, bottleneck=bottleneck, bn_size=bn_size,
             compression=compression, drop_rate=drop_rate, num_classes=num_classes,
             in_channels=in_channels, stem=stem, memory_efficient=memory_efficient,
             deep_stem=deep_stem, blur_pool=blur_pool, head_drop_rate=head_drop_rate,
-            global_pool=global_pool)
+            global_pool=global_pool, spatial_dims=spatial_dims, norm=norm)
         self.config = cfg
         self.features = nn.Sequential()
         self._add_stem(cfg)
@@ -202,7 +239,7 @@ class DenseNet(TimmContract, nn.Module):
         reduction = self.stem_reduction
         for i, num_layers in enumerate(cfg.block_config):
             block = DenseBlock(num_layers, channels, cfg.growth_rate, cfg.bottleneck, cfg.bn_size,
-                               cfg.drop_rate, cfg.memory_efficient)
+                               cfg.drop_rate, cfg.memory_efficient, cfg.spatial_dims, cfg.norm)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             self.feature_info.append(
@@ -211,11 +248,11 @@ class DenseNet(TimmContract, nn.Module):
             )
             if i != len(cfg.block_config) - 1:
                 out = compressed_channels(channels, cfg.compression)
-                self.features.add_module(f"transition{i + 1}",
-                                         Transition(channels, out, cfg.drop_rate))
+                self.features.add_module(f"transition{i + 1}", Transition(
+                    channels, out, cfg.drop_rate, cfg.spatial_dims, cfg.norm))
                 channels = out
                 reduction *= 2
-        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.features.add_module("norm5", norm_layer(cfg.norm, channels, cfg.spatial_dims))
         self.features.add_module("relu5", nn.ReLU(inplace=True))
         self.feature_info[-1]["module"] = "features.relu5"  # the last map is after BN-ReLU
         self.num_features = channels
@@ -232,19 +269,20 @@ class DenseNet(TimmContract, nn.Module):
 
     def _add_stem(self, cfg: DenseNetConfig) -> None:
         f = self.features
+        dims, conv = cfg.spatial_dims, conv_nd(cfg.spatial_dims)
         if cfg.deep_stem:
             for name, module in deep_stem(cfg.in_channels, cfg.growth_rate, cfg.num_init_features,
-                                          cfg.blur_pool):
+                                          cfg.blur_pool, dims, cfg.norm):
                 f.add_module(name, module)
         elif cfg.stem == "imagenet":
-            f.add_module("conv0", nn.Conv2d(cfg.in_channels, cfg.num_init_features, 7, 2, 3,
-                                            bias=False))
-            f.add_module("norm0", nn.BatchNorm2d(cfg.num_init_features))
+            f.add_module("conv0", conv(cfg.in_channels, cfg.num_init_features, 7, 2, 3,
+                                       bias=False))
+            f.add_module("norm0", norm_layer(cfg.norm, cfg.num_init_features, dims))
             f.add_module("relu0", nn.ReLU(inplace=True))
-            f.add_module("pool0", stem_pool(cfg.num_init_features, cfg.blur_pool))
+            f.add_module("pool0", stem_pool(cfg.num_init_features, cfg.blur_pool, dims))
         else:
-            f.add_module("conv0", nn.Conv2d(cfg.in_channels, cfg.num_init_features, 3, 1, 1,
-                                            bias=False))
+            f.add_module("conv0", conv(cfg.in_channels, cfg.num_init_features, 3, 1, 1,
+                                       bias=False))
 
     def reset_parameters(self) -> None:
         """He initialisation with fan-out, as the authors' released training code draws it.
@@ -254,9 +292,10 @@ class DenseNet(TimmContract, nn.Module):
         concatenations, whose fan-in grows with depth inside a block.
         """
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) \
+                    and m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -285,7 +324,7 @@ class DenseNet(TimmContract, nn.Module):
         return info
 
     def _build_head(self, num_classes: int, pool_type: str) -> None:
-        pool = make_global_pool(pool_type)
+        pool = make_global_pool(pool_type, self.config.spatial_dims)
         ref = next(iter(self.features.parameters()), None)
         kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         hidden = self.num_features * (2 if pool_type == "catavgmax" else 1)
@@ -340,7 +379,7 @@ class DenseNet(TimmContract, nn.Module):
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The final feature map after BN-ReLU: (N, num_features, H', W')."""
+        """The final feature map after BN-ReLU: (N, num_features, *spatial')."""
         # The checks branch on shapes, which scripting, tracing and FX make symbolic.
         # is_scripting() must be a condition of its own for scripting to skip the block
         if not torch.jit.is_scripting():  # noqa: SIM102

@@ -155,7 +155,8 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
     and the classes and input channels are the model's own; images with other than 3 channels
     get mean 0.5, std 0.5 per channel, as this library's preprocessing gives them.
     ``preprocessing`` (loaded weights' ``{"resize", "crop", "mean", "std", "interpolation"}``)
-    takes precedence: the data transform is the one the weights were evaluated with.
+    takes precedence: the data transform is the one the weights were evaluated with. Sizes
+    have one side per spatial dimension (volumes with an ImageNet stem: 96 per side).
     """
     stem = config.get("stem", "imagenet")
     c = int(config.get("in_channels", 3))
@@ -164,11 +165,14 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
                                                                           CIFAR10_STD)
     if c != 3:
         mean, std = (0.5,) * c, (0.5,) * c
+    dims = int(config.get("spatial_dims", 2))
+    if dims == 3 and stem == "imagenet":  # volumes: 96^3, a common crop of CT and MR volumes
+        side = 96
     pool = final_map_side(side, stem, len(config.get("block_config") or (6, 12, 24, 16)))
     cfg: dict[str, Any] = {
         "architecture": name, "tag": "untrained", "url": "", "hf_hub_id": None,
-        "num_classes": int(config.get("num_classes", 1000)), "input_size": (c, side, side),
-        "pool_size": (pool, pool), "crop_pct": 0.875 if stem == "imagenet" else 1.0,
+        "num_classes": int(config.get("num_classes", 1000)), "input_size": (c, *[side] * dims),
+        "pool_size": (pool,) * dims, "crop_pct": 0.875 if stem == "imagenet" else 1.0,
         "interpolation": "bilinear", "mean": tuple(mean), "std": tuple(std),
         "first_conv": "features.conv0", "classifier": "classifier",
     }
@@ -176,7 +180,7 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
     if preprocessing:
         crop = int(preprocessing.get("crop", side))
         pool = final_map_side(crop, stem, len(config.get("block_config") or (6, 12, 24, 16)))
-        cfg.update(input_size=(c, crop, crop), pool_size=(pool, pool),
+        cfg.update(input_size=(c, *[crop] * dims), pool_size=(pool,) * dims,
                    crop_pct=round(crop / int(preprocessing.get("resize", crop)), 4))
         for key in ("mean", "std"):
             if key in preprocessing:

@@ -42,6 +42,11 @@ class Architecture:
     in_channels: int | None = setting(None, flag=Flag(ARCHITECTURE, "input image channels"))
     stem: str | None = setting(None, flag=Flag(
         ARCHITECTURE, "stem type", choices=("imagenet", "cifar")))
+    spatial_dims: int | None = setting(None, flag=Flag(
+        ARCHITECTURE, "1: signals, 2: images, 3: volumes", choices=(1, 2, 3)))
+    norm: str | None = setting(None, flag=Flag(
+        ARCHITECTURE, "normalisation (instance and group norm suit batches of 1-4)",
+        choices=("batch", "instance", "group")))
 
     def given(self) -> dict[str, Any]:
         """The flags that were given, by field name (``depth`` included)."""

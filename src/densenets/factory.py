@@ -19,7 +19,8 @@ from .models.registry import Family, family_for, list_models, model_from_config
 from .weights.files import default_weights, pretrained_model
 
 __all__ = ["create_model", "densenet121", "densenet161", "densenet169", "densenet201",
-           "densenet264", "densenet264d", "densenetblur121d", "list_models", "model_from_config",
+           "densenet264", "densenet264d", "densenetblur121d", "fcdensenet56", "fcdensenet67",
+           "fcdensenet103", "list_models", "model_from_config",
            "rdnet_base", "rdnet_large", "rdnet_small", "rdnet_tiny"]
 
 
@@ -126,3 +127,6 @@ rdnet_tiny = builder("rdnet_tiny")
 rdnet_small = builder("rdnet_small")
 rdnet_base = builder("rdnet_base")
 rdnet_large = builder("rdnet_large")
+fcdensenet56 = builder("fcdensenet56")
+fcdensenet67 = builder("fcdensenet67")
+fcdensenet103 = builder("fcdensenet103")

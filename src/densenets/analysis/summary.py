@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..models.densenet import DenseBlock, DenseNetConfig, Transition
+from ..models.fcdensenet import FCDenseNet, FCDenseNetConfig
 from ..models.rdnet import RDNet, RDNetConfig
 from ..models.registry import family_of, model_kinds, zoo_name
 
@@ -139,10 +141,12 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _leaf_macs(module: nn.Module, out: torch.Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return out.numel() * (module.in_channels // module.groups) * kh * kw
+def _leaf_macs(module: nn.Module, out: torch.Tensor, inp: torch.Tensor) -> int:
+    kernel = math.prod(getattr(module, "kernel_size", ()))
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input meets every tap once
+        return inp.numel() * (module.out_channels // module.groups) * kernel
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return out.numel() * (module.in_channels // module.groups) * kernel
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
     return 0
@@ -196,6 +200,32 @@ def _rdnet_parts(model: RDNet) -> list[Part]:
     return items
 
 
+def _fcdensenet_parts(model: FCDenseNet) -> list[Part]:
+    """An FC-DenseNet's rows: the first convolution, each dense block with its layers, each
+    transition down and up, the bottleneck block, the final 1x1 convolution."""
+    items: list[Part] = []
+    for name, m in model.named_children():
+        if isinstance(m, DenseBlock):
+            items.append(Part(name, f"dense block ({m.num_layers} layers)", m,
+                              connections=m.num_connections))
+            for lname, layer in m.named_children():
+                items.append(Part(lname, f"dense layer (+{layer.growth_rate})", layer, 1, True))
+        else:
+            kind = {"conv0": "3x3 conv", "classifier": "1x1 conv"}.get(name) or \
+                name.rstrip("0123456789").replace("_", " ")
+            items.append(Part(name, kind, m))
+    return items
+
+
+def _fcdensenet_terms(c: FCDenseNetConfig) -> dict[str, Any]:
+    """An FC-DenseNet in DenseNet's terms: its blocks down, the bottleneck's and up, in order;
+    no bottleneck layers, transitions that keep every channel."""
+    return {"growth_rate": c.growth_rate,
+            "block_config": [*c.down_blocks, c.bottleneck_layers, *c.up_blocks],
+            "bottleneck": False, "compression": 1.0, "stem": "3x3 conv",
+            "num_classes": c.num_classes}
+
+
 def _densenet_terms(c: DenseNetConfig) -> dict[str, Any]:
     return {"growth_rate": c.growth_rate, "block_config": list(c.block_config),
             "bottleneck": c.bottleneck, "compression": c.compression, "stem": c.stem,
@@ -219,7 +249,8 @@ class _View:
 
 # One view per model family, by the registry's family name.
 VIEWS = {"densenet": _View(_densenet_parts, _densenet_terms),
-         "rdnet": _View(_rdnet_parts, _rdnet_terms)}
+         "rdnet": _View(_rdnet_parts, _rdnet_terms),
+         "fcdensenet": _View(_fcdensenet_parts, _fcdensenet_terms)}
 
 
 def _view(model: nn.Module, what: str) -> _View:
@@ -254,8 +285,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
     macs: dict[nn.Module, int] = {}
     shapes: dict[nn.Module, tuple[int, ...]] = {}
 
-    def leaf_hook(m: nn.Module, _inp, out) -> None:
-        macs[m] = macs.get(m, 0) + _leaf_macs(m, out)
+    def leaf_hook(m: nn.Module, inp, out) -> None:
+        macs[m] = macs.get(m, 0) + _leaf_macs(m, out, inp[0])
 
     grows = {p.module for p in parts if p.grows}
 
@@ -263,13 +294,13 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
         if m in grows:
             # Show the block's concatenated width after this layer, as the paper counts it.
             prev = inp[0] if isinstance(inp[0], list) else [inp[0]]  # a mixer reads a list
-            n, _, h, w = prev[0].shape
-            shapes[m] = (n, sum(t.shape[1] for t in prev) + out.shape[1], h, w)
+            n, _, *sides = prev[0].shape
+            shapes[m] = (n, sum(t.shape[1] for t in prev) + out.shape[1], *sides)
         else:
             shapes[m] = tuple(out.shape)
 
     handles = [m.register_forward_hook(leaf_hook) for m in model.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
+               if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
     handles += [p.module.register_forward_hook(shape_hook) for p in parts]
     was_training = model.training
     try:

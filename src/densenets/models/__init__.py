@@ -1,1 +1,1 @@
-"""The architectures: layers (H_l, transition), DenseNet, its named configurations, backbone."""
+"""The architectures: layers, DenseNet (1D/2D/3D), the zoo, backbones, RDNet, FC-DenseNet."""

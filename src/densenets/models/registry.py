@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from . import rdnet, zoo
+from . import fcdensenet, rdnet, zoo
 from .backbone import FeatureDict, FeatureExtractor, FeatureHooks, backbone_options
 from .densenet import DenseNet, DenseNetConfig
 
@@ -76,8 +76,17 @@ RDNET_FAMILY = Family(
     # RDNet's drop_rate is timm's (before the classifier), which the DenseNets call head_drop_rate
     aliases={"head_drop_rate": "drop_rate"}, supports_drop_path=True)
 
+FCDENSENET_FAMILY = Family(
+    name="fcdensenet", title="FCDenseNet",
+    about="FC-DenseNet (the Tiramisu), Jegou et al., CVPRW 2017",
+    model=fcdensenet.FCDenseNet, config=fcdensenet.FCDenseNetConfig,
+    names=lambda: list(fcdensenet.FCDENSENET), owns=lambda key: key in fcdensenet.FCDENSENET,
+    model_config=fcdensenet.fcdensenet_config,
+    pretrained_cfg=fcdensenet.fcdensenet_pretrained_cfg)
+
 # In listing order; the first is the default for names no family claims (its zoo explains).
-FAMILIES: dict[str, Family] = {f.name: f for f in (DENSENET_FAMILY, RDNET_FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (DENSENET_FAMILY, RDNET_FAMILY,
+                                                   FCDENSENET_FAMILY)}
 
 
 def family(name: str) -> Family:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..models.registry import FAMILIES, family_for, family_of, model_kinds
+from .fcdensenet_keys import FCDENSENET_LAYOUT
 from .hub import hub_meta, hub_weights_file, is_hub_id, timm_config, write_config
 from .keymap import DENSENET_LAYOUT
 from .layout import Checkpoint, Layout
@@ -32,7 +33,8 @@ IMAGENET_ALIASES = ("imagenet", "imagenet1k", "default")
 
 # One checkpoint layout per registered family, by the family's name; recognised in this order
 # (most particular first), the last one reading, or explaining, whatever the others do not.
-LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, DENSENET_LAYOUT)}
+LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, FCDENSENET_LAYOUT,
+                                                           DENSENET_LAYOUT)}
 assert set(LAYOUTS) == set(FAMILIES), "every model family registers its checkpoint layout"
 
 

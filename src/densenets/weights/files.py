@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from ..models.registry import FAMILIES, family_for, family_of, model_kinds
-from .fcdensenet_keys import FCDENSENET_LAYOUT
 from .hub import hub_meta, hub_weights_file, is_hub_id, timm_config, write_config
-from .keymap import DENSENET_LAYOUT
 from .layout import Checkpoint, Layout
+from .monai_keys import MONAI_LAYOUT, monai_state_dict
 from .pretrained import PRETRAINED, complete_meta, download_weights, pretrained_entry
 from .rdnet_keys import RDNET_LAYOUT
 
@@ -33,8 +32,10 @@ IMAGENET_ALIASES = ("imagenet", "imagenet1k", "default")
 
 # One checkpoint layout per registered family, by the family's name; recognised in this order
 # (most particular first), the last one reading, or explaining, whatever the others do not.
-LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, FCDENSENET_LAYOUT,
-                                                           DENSENET_LAYOUT)}
+# The DenseNets' reads MONAI's keys too and every rank (monai_keys).
+LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, MONAI_LAYOUT)}
+# Other libraries' layouts save() writes: the bare state dict their own model class loads.
+WRITERS = {"monai": monai_state_dict}
 assert set(LAYOUTS) == set(FAMILIES), "every model family registers its checkpoint layout"
 
 
@@ -305,8 +306,32 @@ def _save_folder(model: nn.Module, d: Path, meta: dict[str, Any] | None,
     return d
 
 
+def _save_foreign(model: nn.Module, p: Path, layout: str, meta: dict[str, Any] | None,
+                  model_name: str | None) -> Path:
+    """``save(..., layout=...)``: another library's bare state dict, in a .pt/.pth or
+    .safetensors file."""
+    if layout not in WRITERS:
+        raise ValueError(f"unknown layout {layout!r}; save() writes {', '.join(WRITERS)} "
+                         "(or None, densenets' own)")
+    if meta is not None or model_name is not None:
+        raise ValueError(f"a {layout} state dict holds weights only, with no place for meta or "
+                         "model_name: drop them, or save in densenets' layout (layout=None)")
+    if p.suffix not in (".safetensors", ".pt", ".pth"):
+        raise ValueError(f"layout={layout!r} writes one file: give a .pt, .pth or .safetensors "
+                         f"path, not {p}")
+    sd = WRITERS[layout](model)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(p), metadata={"format": "pt"})
+    else:
+        torch.save(sd, p)
+    return p
+
+
 def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None,
-         model_name: str | None = None) -> Path:
+         model_name: str | None = None, layout: str | None = None) -> Path:
     """Save ``model``'s weights with its configuration and ``meta`` (class names, preprocessing).
 
     ``.safetensors`` stores them in the file's metadata; ``.pt``/``.pth`` writes the training
@@ -314,8 +339,12 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     A folder (an existing directory, or a path without a suffix) receives what the Hugging
     Face Hub expects: ``model.safetensors`` and timm's ``config.json`` (architecture, classes,
     ``pretrained_cfg``), ready to upload and readable by timm (``local-dir:``/``hf-hub:``).
+    ``layout="monai"`` writes the bare state dict MONAI's ``DenseNet`` loads with
+    ``strict=True`` instead (weights only; :func:`load` reads it back).
     """
-    layout = _layout_of(model, "save()")
+    if layout is not None:
+        return _save_foreign(model, Path(path).expanduser(), layout, meta, model_name)
+    own = _layout_of(model, "save()")
     p = Path(path).expanduser()
     if p.is_dir() or not p.suffix:
         return _save_folder(model, p, meta, model_name)
@@ -325,7 +354,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     config = model.config.to_dict()
     meta = complete_meta(config, meta if meta is not None else getattr(model, "weights_meta", None))
     meta.pop("source", None)
-    name = model_name or meta.pop("model_name", None) or layout.name_of(model)
+    name = model_name or meta.pop("model_name", None) or own.name_of(model)
     meta.pop("model_name", None)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)

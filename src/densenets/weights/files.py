@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..models.registry import FAMILIES, family_for, family_of, model_kinds
+from .fcdensenet_keys import FCDENSENET_LAYOUT
 from .hub import hub_meta, hub_weights_file, is_hub_id, timm_config, write_config
 from .layout import Checkpoint, Layout
 from .monai_keys import MONAI_LAYOUT, monai_state_dict
@@ -33,7 +34,8 @@ IMAGENET_ALIASES = ("imagenet", "imagenet1k", "default")
 # One checkpoint layout per registered family, by the family's name; recognised in this order
 # (most particular first), the last one reading, or explaining, whatever the others do not.
 # The DenseNets' reads MONAI's keys too and every rank (monai_keys).
-LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, MONAI_LAYOUT)}
+LAYOUTS: dict[str, Layout] = {lay.family: lay for lay in (RDNET_LAYOUT, FCDENSENET_LAYOUT,
+                                                           MONAI_LAYOUT)}
 # Other libraries' layouts save() writes: the bare state dict their own model class loads.
 WRITERS = {"monai": monai_state_dict}
 assert set(LAYOUTS) == set(FAMILIES), "every model family registers its checkpoint layout"

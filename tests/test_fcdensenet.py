@@ -290,3 +290,29 @@ def test_export(tmp_path, fmt, suffix):
     err, scale = verify(r.path, fmt, model, 2, (3, 13, 11))
     assert err <= 1e-5 * max(1.0, scale)
     assert math.isfinite(scale)
+
+
+def test_the_documented_encoder_taps_are_bn_relu_of_the_dense_blocks():
+    """docs/segmentation.md's hooks give segmentation_models_pytorch's DenseNet taps: the stem
+    after its ReLU, each transition's BN-ReLU, and norm5 unrectified."""
+    torch.manual_seed(0)
+    model = densenets.DenseNet(growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8,
+                               num_classes=3).eval()
+    taps = ["features.relu0", "features.transition1.relu", "features.transition2.relu",
+            "features.transition3.relu", "features.norm5"]
+    maps = {}
+    for name in taps:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, out, name=name: maps.__setitem__(name, out.clone()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.forward_features(x)
+        blocks = densenets.FeatureExtractor(model)(x)  # features_only: raw block outputs
+        f = model.features
+        want = [F.relu(f.norm0(f.conv0(x)))] + [
+            F.relu(getattr(f, f"transition{i}").norm(blocks[i])) for i in (1, 2, 3)] + [
+            f.norm5(f.denseblock4(f.transition3(blocks[3])))]
+    for name, w in zip(taps, want, strict=True):
+        assert torch.allclose(maps[name], w, atol=1e-6), name
+    assert [maps[n].shape[-1] for n in taps] == [32, 16, 8, 4, 2]  # reductions 2, 4, 8, 16, 32
+    assert (maps["features.norm5"] < 0).any()  # not rectified

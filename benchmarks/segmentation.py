@@ -156,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_memory(*json.loads(args.child))))
         return 0
     keys = [args.only] if args.only else list(CONFIGS)
-    results = {k: measure(k, args.steps, args.warmup, args.device) for k in keys}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": results,
-                                    "environment": environment(resolve_device(args.device))},
-                                   indent=2))
-    print(table(results))
+    results: dict = {}
+    for k in keys:  # each configuration written as soon as it is measured
+        results[k] = measure(k, args.steps, args.warmup, args.device)
+        args.out.write_text(json.dumps(
+            {"results": results, "environment": environment(resolve_device(args.device))},
+            indent=2))
+        print(table({k: results[k]}), flush=True)
     return 0
 
 

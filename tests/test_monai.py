@@ -114,6 +114,21 @@ def test_norms_the_tensors_cannot_tell_apart_are_refused_unless_named(tmp_path, 
     assert same_outputs(ours, theirs, torch.randn(2, 1, 32, 32)) < 1e-10
 
 
+def test_tracked_instance_norm_reads_as_batch_norm_which_is_the_same_in_eval(tmp_path):
+    norm = ("instance", {"affine": True, "track_running_stats": True})
+    theirs = nets.DenseNet(spatial_dims=2, in_channels=1, out_channels=2, init_features=8,
+                           growth_rate=4, block_config=(2, 2), norm=norm)
+    path = monai_file(tmp_path, theirs)
+    x = torch.randn(2, 1, 32, 32)
+    read = densenets.load(path)
+    assert read.config.norm == "batch"
+    assert same_outputs(read, theirs, x) < 1e-10  # both normalise by the running statistics
+    named = densenets.load(path, norm=norm)
+    assert named.config.norm == norm
+    assert isinstance(named.features.norm5, torch.nn.InstanceNorm2d)
+    assert same_outputs(named, theirs, x) < 1e-10
+
+
 def test_monai_keys_map_both_ways():
     theirs = nets.DenseNet(spatial_dims=2, in_channels=1, out_channels=2, init_features=8,
                            growth_rate=4, block_config=(2, 2)).state_dict()

@@ -9,12 +9,13 @@ for 1, 2 or 3 spatial dimensions and MONAI's ``norm``; its four names are ours
 (121, 169, 201 and 264 with k = 32, 64 stem channels and the same blocks).
 
 What the tensors show, for any DenseNet state dict: the rank (the stem kernel's) and the
-normalisation (read off the norms' tensors): running statistics mean batch norm (MONAI's
-instance norm with ``track_running_stats`` would look the same: pass ``norm=`` for it), no
-tensors mean instance norm without affine (MONAI's ``"instance"``), and a scale and shift alone
-are instance norm with affine or group norm, which the tensors cannot tell apart: refused unless
-``norm=`` says which. A configuration stored in the file wins over all of this. 2D weights for a
-3D model are inflated (:mod:`.inflate`).
+normalisation (read off the norms' tensors). Running statistics mean batch norm (MONAI's
+instance norm with ``track_running_stats`` looks the same and computes the same in eval mode;
+to train it as instance norm pass ``norm=``); no tensors mean instance norm without affine
+(MONAI's ``"instance"``); a scale and shift alone are instance norm with affine or group norm,
+which the tensors cannot tell apart: refused unless ``norm=`` says which. A configuration
+stored in the file wins over all of this. 2D weights for a 3D model are inflated
+(:mod:`.inflate`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,10 @@ def create_model(name: str, weights: str | os.PathLike | None = None,
     ``create_model("densenet121", in_channels=1, memory_efficient=True)``.
     ``weights="imagenet"`` loads the published weights (torchvision's for 121/161/169/201,
     fetched once into torch.hub's cache; the Hub's for densenetblur121d and the RDNets),
-    ``"hf-hub:ORG/NAME"`` a Hugging Face Hub repository, ``weights=PATH`` a local checkpoint;
+    ``"hf-hub:ORG/NAME"`` a Hugging Face Hub repository, ``"xrv:densenet121-res224-all"`` (for
+    densenet121) a TorchXRayVision chest X-ray weight set (one channel, 18 pathologies, see
+    docs/medical.md), ``weights=PATH`` a local checkpoint (whole pickled TorchXRayVision
+    modules included, read without running their code);
     with a different ``num_classes`` everything but the classifier is loaded (see
     :mod:`densenets.weights.files`). ``features_only=True`` returns a backbone giving the maps
     at the model's taps (``out_indices`` picks some, an int n the last n), and timm's

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..device import resolve_device
 from ..weights.pretrained import complete_meta
+from ..weights.xrv import op_norm
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -35,11 +36,12 @@ class Prediction:
 class PredictionReport:
     predictions: list[Prediction] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"file", "error"}
+    probabilities: str = "softmax"  # how they were computed (see probabilities())
 
     def to_dict(self) -> dict[str, Any]:
         return {"predictions": [{"file": p.file, "topk": p.topk, "preprocessed": p.preprocessed}
                                 for p in self.predictions],
-                "skipped": self.skipped}
+                "skipped": self.skipped, "probabilities": self.probabilities}
 
 
 def weights_meta(model: nn.Module) -> dict[str, Any]:
@@ -99,6 +101,31 @@ def _unit_float(img, notes: list[str]):
     return Image.fromarray(np.clip(a / white, 0, 1).astype(np.float32), mode="F")
 
 
+def probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """``model``'s outputs ``logits`` [N, C] as probabilities, as its weights mean them.
+
+    A softmax over the classes; for multi-label weights (``multi_label`` in the weights meta,
+    as TorchXRayVision's) an independent sigmoid per output, rescaled by the weights' operating
+    points (``op_threshs``) where they have them, so that TorchXRayVision's weights give what
+    its own model returns.
+    """
+    return _probabilities(logits, weights_meta(model))
+
+
+def probability_kind(meta: dict[str, Any]) -> str:
+    """How :func:`probabilities` reads outputs with this weights meta, in words."""
+    if not meta.get("multi_label"):
+        return "softmax"
+    return "sigmoid per output" + (", operating points at 0.5" if meta.get("op_threshs") else "")
+
+
+def _probabilities(logits: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    if not meta.get("multi_label"):
+        return torch.softmax(logits, dim=1)
+    p = torch.sigmoid(logits)
+    return op_norm(p, meta["op_threshs"]) if meta.get("op_threshs") else p
+
+
 def preprocess(img, preprocessing: dict[str, Any], notes: list[str] | None = None,
                in_channels: int | None = None) -> torch.Tensor:
     """Resize the shorter side, centre-crop, scale to [0, 1], normalise: a (C, H, W) tensor.
@@ -132,16 +159,19 @@ def preprocess(img, preprocessing: dict[str, Any], notes: list[str] | None = Non
 
 def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], topk: int = 5,
                   batch_size: int = 16, device: str | torch.device = "cpu") -> PredictionReport:
-    """Top-``topk`` classes for each readable image in ``paths``; unreadable files are skipped."""
+    """Top-``topk`` classes for each readable image in ``paths``, with :func:`probabilities`;
+    unreadable files are skipped."""
     if topk < 1:
         raise ValueError(f"--topk must be >= 1, got {topk}")
     meta = weights_meta(model)
     num_classes = model.config.num_classes
     names = meta["class_names"] or [f"class {i}" for i in range(num_classes)]
-    k = min(topk, num_classes)
+    # outputs the weights were never trained for (TorchXRayVision's "") are not ranked
+    ranked = [c for c in range(num_classes) if c not in set(meta.get("untrained") or ())]
+    k = min(topk, len(ranked))
     device = resolve_device(device)
     model = model.to(device).eval()
-    report = PredictionReport()
+    report = PredictionReport(probabilities=probability_kind(meta))
     batch: list[tuple[str, torch.Tensor, list[str]]] = []
 
     def flush() -> None:
@@ -149,14 +179,13 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], topk: in
             return
         x = torch.stack([t for _, t, _ in batch]).to(device)
         with torch.inference_mode():
-            probs = torch.softmax(model(x).float(), dim=1)
+            probs = _probabilities(model(x).float(), meta)[:, ranked]
         top = probs.topk(k, dim=1)
         for (f, _, done), p, i in zip(batch, top.values.tolist(), top.indices.tolist(),
                                       strict=True):
             report.predictions.append(Prediction(f, [
-                {"index": c, "label": names[c], "probability": q} for c, q in zip(i, p,
-                                                                                  strict=True)],
-                done))
+                {"index": ranked[c], "label": names[ranked[c]], "probability": q}
+                for c, q in zip(i, p, strict=True)], done))
         batch.clear()
 
     for path in paths:

@@ -27,6 +27,8 @@ from .layout import Checkpoint, Layout
 from .monai_keys import MONAI_LAYOUT, monai_state_dict
 from .pretrained import PRETRAINED, complete_meta, download_weights, pretrained_entry
 from .rdnet_keys import RDNET_LAYOUT
+from .unpickle import is_module_class, read_module
+from .xrv import download_xrv, is_xrv_name, xrv_weights
 
 CHECKPOINT_FORMAT = "densenets.checkpoint"
 IMAGENET_ALIASES = ("imagenet", "imagenet1k", "default")
@@ -66,6 +68,8 @@ def _torch_load(p: Path) -> Any:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found and is_module_class(found.group(1)):  # a whole pickled model, such as
+            return read_module(p)  # TorchXRayVision's: read without running its code
         if found:
             raise ValueError(
                 f"refused to load {p}: it contains a Python object ({found.group(1)}) besides "
@@ -146,8 +150,9 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
                           obj.get("model_name"), str(p), family)
     if ema:
         raise no_ema(p, "it is a plain state dict, not a densenets training checkpoint")
-    sd, family = _state_dict(obj)
-    return Checkpoint(sd, path=str(p), family=family)
+    sd, meta = xrv_weights(obj, p)  # a pickled module's weights; TorchXRayVision's meta
+    sd, family = _state_dict(sd)
+    return Checkpoint(sd, meta=meta, path=str(p), family=family)
 
 
 # ---------------------------------------------------------------- loading into a model
@@ -223,8 +228,21 @@ def default_weights(name: str) -> str:
     return "imagenet"
 
 
+def _xrv_checkpoint(name: str, weights: str) -> Checkpoint:
+    """A TorchXRayVision weight set (``"xrv:densenet121-res224-all"``), fetched and checked
+    (:func:`densenets.weights.xrv.download_xrv`), with its set's meta and the file's digest."""
+    if name.strip().lower() != "densenet121":
+        raise ValueError(f"TorchXRayVision's weight sets are DenseNet-121s: use "
+                         f"create_model('densenet121', weights={weights!r}), not {name!r}")
+    path, entry, digest = download_xrv(weights)
+    ckpt = read_checkpoint(path)
+    ckpt.meta = {**ckpt.meta, **entry.meta(), "source": entry.url, "sha256": digest}
+    return ckpt
+
+
 def _checkpoint_for(name: str, weights: str | os.PathLike) -> Checkpoint:
-    """Read ``weights`` ("imagenet", "hf-hub:org/name" or a path) for the zoo entry ``name``."""
+    """Read ``weights`` ("imagenet", "hf-hub:org/name", "xrv:SET" or a path) for the zoo entry
+    ``name``."""
     if isinstance(weights, str) and weights.lower() in IMAGENET_ALIASES:
         source = published_weights(name)
         if source is None or source == "imagenet":  # torchvision's, or the readable error
@@ -233,12 +251,14 @@ def _checkpoint_for(name: str, weights: str | os.PathLike) -> Checkpoint:
             ckpt.meta, ckpt.model_name = entry.meta(), entry.name
             return ckpt
         weights = source
+    if is_xrv_name(weights):
+        return _xrv_checkpoint(name, str(weights))
     if is_hub_id(weights):
         return _hub_checkpoint(str(weights))
     if isinstance(weights, (str, os.PathLike)):
         return read_checkpoint(weights)
-    raise ValueError(f"weights must be 'imagenet', 'hf-hub:ORG/NAME' or a file path, got "
-                     f"{weights!r}")
+    raise ValueError(f"weights must be 'imagenet', 'hf-hub:ORG/NAME', 'xrv:SET' or a file path, "
+                     f"got {weights!r}")
 
 
 def pretrained_model(name: str, weights: str | os.PathLike, **overrides: Any) -> nn.Module:
@@ -246,9 +266,11 @@ def pretrained_model(name: str, weights: str | os.PathLike, **overrides: Any) ->
 
     ``weights`` is ``"imagenet"`` (the published checkpoint for ``name``: torchvision's, or the
     Hub repository its ``pretrained_cfg`` names, such as the authors' RDNet weights),
-    ``"hf-hub:org/name"`` (a Hugging Face Hub repository, see :mod:`densenets.weights.hub`) or
-    a path. ``num_classes`` and ``in_channels`` default to the checkpoint's; overriding
-    ``num_classes`` loads everything but the classifier (fine-tuning) and says so.
+    ``"hf-hub:org/name"`` (a Hugging Face Hub repository, see :mod:`densenets.weights.hub`),
+    ``"xrv:densenet121-res224-all"`` (a TorchXRayVision weight set, see
+    :mod:`densenets.weights.xrv`) or a path. ``num_classes`` and ``in_channels`` default to the
+    checkpoint's; overriding ``num_classes`` loads everything but the classifier (fine-tuning)
+    and says so.
     """
     family = family_for(name)
     ckpt = _checkpoint_for(name, weights)
@@ -268,14 +290,20 @@ def load(path: str | os.PathLike, *, ema: bool = False, **overrides: Any) -> nn.
     safetensors) or is read off the tensor shapes (any other DenseNet or RDNet state dict).
     The model's ``weights_meta`` holds class names, preprocessing and provenance. Overrides
     such as ``num_classes=10`` (fine-tuning) or ``memory_efficient=True`` change the built
-    model. ``path`` may also be a folder written by :func:`save` or ``"hf-hub:org/name"``.
+    model. ``path`` may also be a folder written by :func:`save`, ``"hf-hub:org/name"`` or
+    ``"xrv:SET"`` (a TorchXRayVision weight set). Whole pickled modules (TorchXRayVision's
+    files) are read without running their code (:mod:`densenets.weights.unpickle`).
     ``ema=True`` loads the exponential moving average of the weights that a run trained with
     ``--ema-decay`` kept in its checkpoints (the same file as without it: a run directory's
     best.pt); a file without one raises ValueError saying so.
     """
     if ema and is_hub_id(path):
         raise no_ema(path, "Hub repositories hold one set of weights")
-    ckpt = _hub_checkpoint(path) if is_hub_id(path) else read_checkpoint(path, ema)
+    if ema and is_xrv_name(path):
+        raise no_ema(path, "TorchXRayVision's weight sets hold one set of weights")
+    ckpt = _hub_checkpoint(path) if is_hub_id(path) else \
+        _xrv_checkpoint("densenet121", str(path)) if is_xrv_name(path) else \
+        read_checkpoint(path, ema)
     if ema:
         ckpt.meta["ema"] = True  # provenance, beside the source file
     return _built(None, ckpt, overrides)

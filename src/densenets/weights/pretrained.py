@@ -88,6 +88,11 @@ def default_preprocessing(config: dict[str, Any]) -> dict[str, Any]:
     return pre
 
 
+# What weights meta may say about the classifier's outputs beside their names: independent
+# (sigmoid) probabilities, operating points per output, outputs never trained (TorchXRayVision).
+HEAD_META = ("multi_label", "op_threshs", "untrained")
+
+
 def complete_meta(config: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Complete ``meta`` with defaults; drop class names that no longer fit the classifier."""
     out: dict[str, Any] = {"class_names": None, "preprocessing": default_preprocessing(config)}
@@ -97,6 +102,8 @@ def complete_meta(config: dict[str, Any], meta: dict[str, Any] | None = None) ->
     names = out.get("class_names")
     if names is not None and len(names) != config["num_classes"]:
         out["class_names"] = None
+        for key in HEAD_META:  # they described the outputs of a classifier that is gone
+            out.pop(key, None)
     return out
 
 
@@ -109,30 +116,40 @@ def download_weights(name: str, progress: bool = True) -> Path:
     found in the cache, so a truncated or replaced file is never loaded.
     """
     entry = pretrained_entry(name)
-    dst = Path(torch.hub.get_dir()) / "checkpoints" / entry.filename
+    return fetch_published(entry.url, entry.sha256, f"the {name} ImageNet weights", progress)
+
+
+def fetch_published(url: str, sha256: str | None, what: str, progress: bool = True) -> Path:
+    """The local path of the file at ``url``, downloaded into torch.hub's cache once.
+
+    With ``sha256`` (a prefix of the file's SHA-256) the file is checked on download and each
+    time it is found in the cache; without one it is not (the caller checks what it can).
+    ``what`` names the file in messages ("the densenet121 ImageNet weights").
+    """
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         if progress:
-            print(f"Downloading {entry.url} to {dst}", file=sys.stderr)
-        try:
-            torch.hub.download_url_to_file(entry.url, str(dst), hash_prefix=entry.sha256,
+            print(f"Downloading {url} to {dst}", file=sys.stderr)
+        try:  # torch.hub writes a temporary file and moves it into place only when complete
+            torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256,
                                            progress=progress)
         except OSError as e:  # URLError, HTTPError, timeouts, refused connections
             raise WeightsNotAvailableError(
-                f"could not download the {name} ImageNet weights from {entry.url} ({e}). "
+                f"could not download {what} from {url} ({e}). "
                 f"Without internet, download that file on another machine and pass "
                 f"weights=PATH (--weights PATH on the command line), or copy it to {dst}"
             ) from e
         except RuntimeError as e:
             if "hash" not in str(e):
                 raise
-            raise ValueError(f"the file downloaded from {entry.url} failed its hash check "
+            raise ValueError(f"the file downloaded from {url} failed its hash check "
                              f"({e}); nothing was saved. Try again later") from e
-    digest = file_digest(dst, "sha256")
-    if not digest.startswith(entry.sha256):
+    digest = file_digest(dst, "sha256") if sha256 else ""
+    if not digest.startswith(sha256 or ""):
         raise ValueError(
             f"the cached file {dst} has SHA-256 {digest[:16]}..., expected a prefix of "
-            f"{entry.sha256}: it is corrupt or not the published file. Delete it and retry"
+            f"{sha256}: it is corrupt or not the published file. Delete it and retry"
         )
     return dst
 
@@ -150,5 +167,5 @@ def pretrained_entry(name: str) -> PretrainedWeights:
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRETRAINED", "PretrainedWeights",
            "WeightsNotAvailableError", "complete_meta", "default_preprocessing",
-           "download_weights", "imagenet_class_names", "imagenet_preprocessing",
-           "pretrained_entry"]
+           "download_weights", "fetch_published", "imagenet_class_names",
+           "imagenet_preprocessing", "pretrained_entry"]

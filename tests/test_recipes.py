@@ -117,7 +117,11 @@ def test_every_flagged_field_is_a_train_flag_that_sets_it():
         if f.name in own:
             continue
         value = {bool: True, int: 3, float: 0.0625, str: (f.flag.choices or ("", ""))[1]}[f.type]
-        argv = [f.names[0]] + ([] if f.type is bool else [str(value)])
+        # A flag of several values sets a list: a fixed count of them, or one for "+".
+        n = f.flag.nargs if isinstance(f.flag.nargs, int) else int(f.flag.nargs == "+")
+        value = [value * (i + 1) for i in range(n)] if n else value  # increasing (LO < HI)
+        argv = [f.names[0]] + ([] if f.type is bool else [str(v) for v in value] if n
+                               else [str(value)])
         cfg, _ = config_from_args(build_parser().parse_args(["train", *argv]))
         assert getattr(cfg, f.name) == value, (f.name, getattr(cfg, f.name), value)
 

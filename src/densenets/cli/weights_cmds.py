@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = verb(sub, "predict", cmd_predict, "top classes for image files", json=JSON)
     _add_source(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (a volume model: .npy/.nii/.nii.gz volumes)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     add_device_flag(p, default="cpu")
@@ -133,8 +134,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         resize = pre.get("resize") or pre["crop"]
         labels = "its class names" if meta["class_names"] else "class indices (no names stored)"
         caution = f" ({RANDOM_WEIGHTS})" if random else ""
-        print(f"{_named(name, args)}{caution}: resize {resize}, centre crop {pre['crop']}, "
-              f"{pre.get('interpolation', 'bilinear')}; {labels}")
+        if pre.get("volume_size"):  # a volume model: its files are resampled, not cropped
+            window = pre.get("intensity_window")
+            scaling = f"window {window[0]:g}..{window[1]:g}" if window else "z-scored"
+            shape = "x".join(map(str, pre["volume_size"]))
+            print(f"{_named(name, args)}{caution}: volumes {scaling}, resampled to {shape} "
+                  f"({pre.get('interpolation', 'trilinear')}); {labels}")
+        else:
+            print(f"{_named(name, args)}{caution}: resize {resize}, centre crop {pre['crop']}, "
+                  f"{pre.get('interpolation', 'bilinear')}; {labels}")
         for p in report.predictions:
             if p.preprocessed:  # what was done to this image beyond reading it
                 print(f"densenets predict: note: {p.file}: {'; '.join(p.preprocessed)}",

@@ -46,10 +46,13 @@ def export_metadata(model: nn.Module) -> dict[str, Any]:
 
 def example_input(model: nn.Module, batch_size: int = 1,
                   input_size: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """A random batch at the size the weights' preprocessing produces (its centre crop)."""
+    """A random batch at the size the weights' preprocessing produces (its centre crop, or a
+    volume model's recorded volume size)."""
     if input_size is None:
-        crop = int(weights_meta(model)["preprocessing"]["crop"])
-        input_size = (model.config.in_channels, crop, crop)
+        pre = weights_meta(model)["preprocessing"]
+        crop = int(pre["crop"])
+        sides = pre.get("volume_size") or (crop, crop)
+        input_size = (model.config.in_channels, *(int(s) for s in sides))
     return torch.randn(batch_size, *input_size)
 
 

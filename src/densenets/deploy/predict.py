@@ -3,7 +3,9 @@
 A file that cannot be read as an image is reported by name and skipped; the others are still
 predicted. High-bit-depth grayscale files (16-bit PNG, TIFF) are scaled by their type's range,
 not clipped to 8 bits, and every step that changed an image (bit depth, colour mode, size) is
-listed in its :attr:`Prediction.preprocessed`.
+listed in its :attr:`Prediction.preprocessed`. A volume model (its preprocessing records a
+volume size) takes ``.npy``/``.nii``/``.nii.gz`` files instead. Files are read as training read
+them (:mod:`densenets.weights.preprocessing`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import torch
 from torch import nn
 
 from ..device import resolve_device
+from ..weights.preprocessing import (
+    is_volume_preprocessing,
+    match_channels,
+    open_image,
+    read_volume,
+    volume_input,
+)
 from ..weights.pretrained import complete_meta
 from ..weights.xrv import op_norm
-
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 @dataclass
@@ -47,58 +54,6 @@ class PredictionReport:
 def weights_meta(model: nn.Module) -> dict[str, Any]:
     """The model's class names and preprocessing, with defaults where the weights had none."""
     return complete_meta(model.config.to_dict(), getattr(model, "weights_meta", None))
-
-
-# Grayscale modes wider than 8 bits, and the value that means white in each. PIL's convert()
-# to "L" clips these at 255 (a 16-bit image turns almost white), so they are scaled instead.
-_HIGH_BIT_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None,
-                   "F": None}
-
-
-def open_image(path: str | os.PathLike, in_channels: int, notes: list[str] | None = None):
-    """A PIL image in the mode the model takes; ValueError saying why a file is unusable.
-
-    High-bit-depth grayscale comes back as a mode "F" image with values in [0, 1] (see
-    :func:`preprocess`); ``notes`` (when given) receives a line for each conversion made.
-    """
-    from PIL import Image, ImageOps
-
-    if in_channels not in _MODES:
-        raise ValueError(f"cannot make {in_channels}-channel inputs from image files (only 1, "
-                         "3 or 4 channels)")
-    notes = notes if notes is not None else []
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)  # photos are often stored rotated
-            if img.mode in _HIGH_BIT_DEPTH:
-                return _unit_float(img, notes)
-            if img.mode != _MODES[in_channels]:
-                notes.append(f"converted {img.mode} to {_MODES[in_channels]}")
-            return img.convert(_MODES[in_channels])
-    except FileNotFoundError:
-        raise ValueError("no such file") from None
-    except IsADirectoryError:
-        raise ValueError("is a directory") from None
-    except Exception as e:  # PIL raises many types for truncated or foreign files
-        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
-
-
-def _unit_float(img, notes: list[str]):
-    """A high-bit-depth grayscale image as mode "F" in [0, 1], scaled by its type's range."""
-    import numpy as np
-    from PIL import Image
-
-    a = np.asarray(img, dtype=np.float64)
-    white = _HIGH_BIT_DEPTH[img.mode]
-    if white is None:  # 32-bit "I" (older Pillow reads 16-bit PNGs so) and "F": the values
-        # carry no range of their own, so take the smallest usual one that holds them all.
-        top = float(a.max(initial=0.0))
-        ranges = (1.0, 255.0, 65535.0) if img.mode == "F" else (255.0, 65535.0)
-        white = next((r for r in ranges if top <= r), top)
-    if white != 1:
-        notes.append(f"{img.mode} grayscale scaled from 0..{white:g} to 0..1")
-    return Image.fromarray(np.clip(a / white, 0, 1).astype(np.float32), mode="F")
 
 
 def probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -150,11 +105,18 @@ def preprocess(img, preprocessing: dict[str, Any], notes: list[str] | None = Non
         img = F.center_crop(img, [crop])
     x = F.pil_to_tensor(img)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-    c = in_channels or len(preprocessing["mean"])
-    if x.shape[0] == 1 and c > 1:  # a high-bit-depth grayscale file for a colour model
-        x = torch.cat([x.expand(min(c, 3), -1, -1), torch.ones_like(x).expand(c - 3, -1, -1)])
-        notes.append(f"grayscale repeated to {min(c, 3)} channels")
+    x = match_channels(x, in_channels or len(preprocessing["mean"]), notes)
     return F.normalize(x, preprocessing["mean"], preprocessing["std"])
+
+
+def model_input(path: str | os.PathLike, preprocessing: dict[str, Any], in_channels: int,
+                notes: list[str] | None = None) -> torch.Tensor:
+    """The tensor a model trained with ``preprocessing`` takes for the file at ``path``: an
+    image (C, H, W), or a volume (1, D, H, W) when the preprocessing records a volume size.
+    ValueError saying why a file is unusable."""
+    if is_volume_preprocessing(preprocessing):
+        return volume_input(read_volume(path), preprocessing, notes)
+    return preprocess(open_image(path, in_channels, notes), preprocessing, notes, in_channels)
 
 
 def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], topk: int = 5,
@@ -191,11 +153,10 @@ def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], topk: in
     for path in paths:
         notes: list[str] = []
         try:
-            img = open_image(path, model.config.in_channels, notes)
+            x = model_input(path, meta["preprocessing"], model.config.in_channels, notes)
         except ValueError as e:
             report.skipped.append({"file": str(path), "error": str(e)})
             continue
-        x = preprocess(img, meta["preprocessing"], notes, model.config.in_channels)
         batch.append((str(path), x, notes))
         if len(batch) == batch_size:
             flush()

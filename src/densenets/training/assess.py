@@ -46,9 +46,13 @@ def data_config(state: dict[str, Any], source: str, recipe: str | None) -> Train
                          "pass --recipe")
     cfg = TrainConfig.from_dict(stored) if recipe == stored.get("recipe") else resolve(recipe)
     prep = state.get("meta", {}).get("preprocessing") or {}
-    for key in ("resize", "crop", "mean", "std"):  # the model expects what it was trained on
-        if key in prep:
-            setattr(cfg, key, prep[key])
+    for key in ("resize", "crop", "mean", "std", "volume_size", "intensity_window"):
+        if key in prep:  # the model expects what it was trained on
+            none = [] if key == "intensity_window" else None  # no window: z-scored
+            setattr(cfg, key, none if prep[key] is None else prep[key])
+    # Images are read with the channels the model takes (a one-channel run reads grayscale).
+    cfg.model_overrides = {**(cfg.model_overrides or {}),
+                           "in_channels": state["model_config"].get("in_channels", 3)}
     return cfg
 
 

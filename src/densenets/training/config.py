@@ -16,6 +16,7 @@ from typing import Any
 
 from ..device import HELP as DEVICE_HELP
 from ..device import check_device
+from ..weights.preprocessing import check_volume_size, check_window
 from .fields import FRACTION, PROBABILITY, Flag, above, at_least, check_fields, setting
 from .modern import OPTIMIZERS, SCHEDULES, parse_auto_augment
 
@@ -152,6 +153,14 @@ class TrainConfig:
         "evaluate an EMA of the weights too (per step; 0: off)", "D"))
     clip_grad: float = setting(0.0, check=at_least(0),
                                flag=_modern("clip the gradients' global L2 norm (0: off)", "NORM"))
+    # Volumes (recipes volumes, digits3d): each file's intensities scaled, then resampled.
+    volume_size: list[int] = setting(factory=list, check=check_volume_size, flag=Flag(
+        DATA, "volumes: resample each volume to D x H x W voxels, trilinear (default: the "
+        "recipe's)", metavar=("D", "H", "W"), nargs=3))
+    intensity_window: list[float] = setting(factory=list, check=check_window, flag=Flag(
+        DATA, "volumes: map intensities LO..HI to 0..1, clipping outside (CT: e.g. -1000 400); "
+        "default: z-score each volume by its own mean and standard deviation",
+        metavar=("LO", "HI"), nargs=2))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

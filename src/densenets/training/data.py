@@ -37,6 +37,7 @@ from .batches import (
     rank_slice,
 )
 from .imagefolder import build_folder_data, erasing, pixel_augmentation
+from .volumes import VOLUME_DATASETS, build_volume_data
 
 SPLIT_SEED = 0  # the digits split and every validation hold-out are fixed, whatever --seed is
 
@@ -332,6 +333,8 @@ def build_data(cfg, device: str | torch.device = "cpu", splits=("train", "val", 
     """
     if cfg.dataset == "folder":
         return build_folder_data(cfg, device, splits, ten_crop)
+    if cfg.dataset in VOLUME_DATASETS:
+        return build_volume_data(cfg, device, splits, ten_crop)
     if ten_crop:
         raise ValueError("--ten-crop is the ImageNet evaluation (recipes imagenet and folder); "
                          f"{cfg.dataset} images are evaluated whole")

@@ -41,6 +41,11 @@ def error_metrics(sums: torch.Tensor) -> dict[str, float]:
             "top5_err": 100.0 * (1 - c5 / n), "n": int(n)}
 
 
+def _input_rank(model: nn.Module) -> int:
+    """The dimensions of a batch the model takes: (N, C) and its spatial ones."""
+    return 2 + getattr(getattr(model, "config", None), "spatial_dims", 2)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu", *,
              amp: str | None = None, channels_last: bool = False,
@@ -60,7 +65,8 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu", *,
             continue
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        crops = x.shape[1] if x.dim() == 5 else 0
+        # Ten crops add a dimension to the model's input rank (a 3D model's batch is 5-D too).
+        crops = x.shape[1] if x.dim() == _input_rank(model) + 1 else 0
         if crops:
             x = x.flatten(0, 1)
         if channels_last:

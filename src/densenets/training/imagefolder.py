@@ -1,5 +1,10 @@
 """Image-folder datasets (ImageNet and your own): ``root/{train,val,test}/<class>/<image>``.
 
+Files are read as ``predict`` reads them (:mod:`densenets.weights.preprocessing`): 8-bit images
+as they are, wider grayscale (16-bit PNG) scaled by its type's range, never clipped; a folder of
+one-channel images trains a one-channel model unless ``--in-channels`` says otherwise, and the
+checkpoint records the channels, the bit-depth scaling and the statistics used.
+
 Unreadable images are reported by path and skipped (``strict`` makes them fatal), so one bad
 file does not end a long run. Each image's augmentation is seeded from (seed, epoch, index):
 the result does not depend on the number of workers, and a resumed epoch is reproduced exactly.
@@ -21,6 +26,14 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from ..weights.preprocessing import (
+    HIGH_BIT_DEPTH,
+    ONE_CHANNEL,
+    TYPE_RANGE,
+    channel_stats,
+    match_channels,
+    open_image,
+)
 from .batches import DataBundle, ShardedBatches, epoch_order, preprocessing_of, rank_slice
 from .modern import parse_auto_augment
 
@@ -46,6 +59,8 @@ class Lighting:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         alpha = torch.randn(3) * self.alphastd
         rgb = (self.EIGVEC * alpha * self.EIGVAL).sum(1)
+        if img.shape[0] == 1:  # a grayscale image: the gray of the coloured light
+            return img + rgb.mean()
         return img + rgb.view(3, 1, 1)
 
 
@@ -112,19 +127,20 @@ def train_transform(crop: int, resize: int | None, mean, std, augment: bool | st
     colour = [pixel] if pixel is not None else []
     last = [erase] if erase is not None else []
     norm = T.Normalize(mean, std)
+    tensor = [T.ToTensor()]
     if policy == "imagenet":
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
-                          T.ColorJitter(0.4, 0.4, 0.4), *colour, T.ToTensor(), Lighting(0.1),
+                          T.ColorJitter(0.4, 0.4, 0.4), *colour, *tensor, Lighting(0.1),
                           norm, *last])
     if policy == "modern":
         return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *colour,
-                          T.ToTensor(), norm, *last])
+                          *tensor, norm, *last])
     if policy == "standard":
-        return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), *colour, T.ToTensor(),
+        return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), *colour, *tensor,
                           norm, T.RandomCrop(crop, padding=4), T.RandomHorizontalFlip(), *last])
     if not colour and not last:
         return eval_transform(crop, resize, mean, std)
-    return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), *colour, T.ToTensor(),
+    return T.Compose([T.Resize(resize or crop), T.CenterCrop(crop), *colour, *tensor,
                       norm, *last])
 
 
@@ -134,43 +150,71 @@ def eval_transform(crop: int, resize: int | None, mean, std) -> T.Compose:
                       T.Normalize(mean, std)])
 
 
-def ten_crop_transform(crop: int, resize: int | None, mean, std) -> T.Compose:
+def ten_crop_transform(crop: int, resize: int | None, mean, std,
+                       channels: int = 3) -> T.Compose:
     """The paper's 10-crop evaluation: four corners and the centre, and their mirror images."""
-    return T.Compose([T.Resize(resize or crop), T.TenCrop(crop), _StackCrops(mean, std)])
+    return T.Compose([T.Resize(resize or crop), T.TenCrop(crop),
+                      _StackCrops(mean, std, channels)])
 
 
 class _StackCrops:
     """The ten PIL crops as one normalised (10, C, H, W) tensor (a class, so workers can pickle)."""
 
-    def __init__(self, mean, std) -> None:
+    def __init__(self, mean, std, channels: int = 3) -> None:
         self.to_tensor, self.norm = T.ToTensor(), T.Normalize(mean, std)
+        self.channels = channels
 
     def __call__(self, crops) -> torch.Tensor:
-        return torch.stack([self.norm(self.to_tensor(c)) for c in crops])
+        return torch.stack([self.norm(match_channels(self.to_tensor(c), self.channels))
+                            for c in crops])
+
+
+# PIL runs its colour operations on 8-bit images only: a wide grayscale image (mode "F", see
+# open_image) goes through them as a float tensor in [0, 1], which these ops also take.
+_COLOUR_OPS = (T.ColorJitter, v2.ColorJitter, v2.RandAugment, v2.TrivialAugmentWide)
+
+
+def apply_transform(transform, img, channels: int = 3) -> Any:
+    """``transform(img)``. A float ("F") image, a wide grayscale file, runs each colour op on
+    its tensor and is repeated to ``channels`` once a tensor (:func:`match_channels`, as
+    ``predict`` does); 8-bit files were opened in the model's mode already."""
+    if not (isinstance(img, Image.Image) and img.mode == "F"
+            and isinstance(transform, T.Compose)):
+        return transform(img)
+    for op in transform.transforms:
+        if isinstance(img, Image.Image) and isinstance(op, _COLOUR_OPS):
+            out = op(T.functional.pil_to_tensor(img))
+            img = Image.fromarray(out[0].clamp(0, 1).numpy(), mode="F")
+        elif isinstance(op, T.ToTensor):
+            img = match_channels(op(img), channels)
+        else:
+            img = op(img)
+    return img
 
 
 PROBE_LIMIT = 50_000  # more files than this, and reading their headers would delay the start
 
 
-def _opens(path: str) -> bool:
-    try:
-        with Image.open(path):
-            return True
-    except Exception:  # PIL raises many types for truncated or foreign files
-        return False
-
-
 class SafeImageFolder(Dataset):
-    """An ImageFolder whose unreadable images come back as :class:`BadSample` markers."""
+    """An ImageFolder whose unreadable images come back as :class:`BadSample` markers.
+
+    Images are opened as ``predict`` opens them, for a model of ``channels`` channels.
+    Subclasses read other files by changing :attr:`noun`, :attr:`layout`, :meth:`accepts`,
+    :meth:`read` and :meth:`probe` (:class:`~densenets.training.volumes.VolumeFolder`).
+    """
+
+    noun = "image"
+    layout = LAYOUT
 
     def __init__(self, root: str | os.PathLike, transform, class_names: list[str] | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, channels: int = 3) -> None:
         self.root = Path(root)
-        self.transform = transform
+        self.transform, self.channels = transform, channels
+        self._probed: list[str | None] | None = None
         classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir()
                          and not e.name.startswith("."))
         if not classes:
-            raise FileNotFoundError(f"{self.root} has no class folders; expected {LAYOUT}")
+            raise FileNotFoundError(f"{self.root} has no class folders; expected {self.layout}")
         if class_names is not None and classes != list(class_names):
             raise ValueError(f"{self.root} has classes {classes[:5]}... but the training set "
                              f"has {list(class_names)[:5]}...: both must hold the same folders")
@@ -184,48 +228,71 @@ class SafeImageFolder(Dataset):
                     if f.startswith("."):
                         continue
                     path = os.path.join(dirpath, f)
-                    if f.lower().endswith(IMG_EXTENSIONS):
+                    if self.accepts(f):
                         self.samples.append((path, idx))
                     else:
                         self.non_images.append(path)
         if self.non_images:
             shown = ", ".join(self.non_images[:5]) + (" ..." if len(self.non_images) > 5 else "")
             if strict:
-                raise ValueError(f"{len(self.non_images)} non-image files in {self.root}: "
+                raise ValueError(f"{len(self.non_images)} non-{self.noun} files in {self.root}: "
                                  f"{shown} (--strict); remove them or drop --strict")
-            print(f"densenets: skipping {len(self.non_images)} non-image files in {self.root}: "
-                  f"{shown}", file=sys.stderr)
+            print(f"densenets: skipping {len(self.non_images)} non-{self.noun} files in "
+                  f"{self.root}: {shown}", file=sys.stderr)
         if not self.samples:
-            raise FileNotFoundError(f"no images in {self.root}; expected {LAYOUT}")
+            raise FileNotFoundError(f"no {self.noun}s in {self.root}; expected {self.layout}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @staticmethod
+    def accepts(name: str) -> bool:
+        """Whether a file of this name is a sample (others are listed and skipped)."""
+        return name.lower().endswith(IMG_EXTENSIONS)
+
+    def read(self, path: str) -> Any:
+        """The sample the transform takes; ValueError saying why a file is unusable."""
+        return open_image(path, self.channels)
+
+    @staticmethod
+    def probe(path: str) -> str | None:
+        """The file's mode from its header, or None when the header does not parse."""
+        try:
+            with Image.open(path) as img:
+                return img.mode
+        except Exception:  # PIL raises many types for truncated or foreign files
+            return None
+
+    def probed(self, limit: int = PROBE_LIMIT) -> list[str | None] | None:
+        """Each sample's :meth:`probe` (headers only, read once), or None above ``limit``
+        samples: reading that many headers would delay the start."""
+        if self._probed is None and len(self.samples) <= limit:
+            self._probed = [self.probe(path) for path, _ in self.samples]
+        return self._probed
+
     def count_readable(self, limit: int = PROBE_LIMIT) -> int:
-        """How many samples open as images (their headers parse), for the training header.
+        """How many samples open (their headers parse), for the training header.
 
         Only headers are read, so a file damaged further in is still found (and reported) when
         an epoch reads it; above ``limit`` samples nothing is probed and all are counted.
         """
-        if len(self.samples) > limit:
-            return len(self.samples)
-        return sum(_opens(path) for path, _ in self.samples)
+        modes = self.probed(limit)
+        return len(self.samples) if modes is None else sum(m is not None for m in modes)
 
     def __getitem__(self, key: int | tuple[int, int | None]) -> Any:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f).convert("RGB")
-        except Exception as e:  # PIL raises many types for truncated or foreign files
-            return BadSample(path, f"{type(e).__name__}: {e}")
+            sample = self.read(path)
+        except ValueError as e:
+            return BadSample(path, str(e))
         if seed is None:
-            return self.transform(img), target
+            return apply_transform(self.transform, sample, self.channels), target
         # Only the CPU generator is forked, so only it is seeded: torch.manual_seed would also
         # reset the caller's CUDA generator (workers=0 runs this in the training process).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self.transform(img), target
+            return apply_transform(self.transform, sample, self.channels), target
 
 
 def collate_skip_bad(items: list) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
@@ -285,13 +352,14 @@ class FolderLoader(ShardedBatches):
             yield x, y  # possibly empty: the trainer skips it but keeps counting batches
 
     def _report(self, bad: list[BadSample]) -> None:
+        noun = getattr(self.dataset, "noun", "image")
         for b in bad:
             if self.strict:
-                raise ValueError(f"unreadable image {b.path} ({b.reason}); remove or replace it, "
-                                 "or drop --strict to skip such files")
+                raise ValueError(f"unreadable {noun} {b.path} ({b.reason}); remove or replace "
+                                 "it, or drop --strict to skip such files")
             if b.path not in self.reported:
                 self.reported.add(b.path)
-                print(f"densenets: skipped unreadable image {b.path} ({b.reason})",
+                print(f"densenets: skipped unreadable {noun} {b.path} ({b.reason})",
                       file=sys.stderr)
 
 
@@ -321,23 +389,50 @@ def build_folder_data(cfg, device, splits=("train", "val", "test"),
     pin = torch.device(device).type == "cuda"
     loaders: dict[str, FolderLoader] = {}
     classes: list[str] | None = None
+    given = (getattr(cfg, "model_overrides", None) or {}).get("in_channels")
+    channels = int(given or 3)  # the first split's files decide when no model size is given
+    mean, std = cfg.mean, cfg.std
     for split in ("train", "val", "test"):
         if split not in splits or not (root / split).is_dir():
             continue
         training = split == "train"
+        ds = SafeImageFolder(root / split, None, classes, cfg.strict)
+        if classes is None:
+            channels = int(given or channels_of(ds))
+            mean, std = channel_stats(cfg.mean, channels), channel_stats(cfg.std, channels)
+            note_high_bit_depth(ds)
+        ds.channels = channels
         if training:
             # getattr: a config written before the modern recipes has none of the extras.
-            tf = train_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std, cfg.augmentation,
-                                 auto_augment=getattr(cfg, "auto_augment", ""),
-                                 color_jitter=getattr(cfg, "color_jitter", 0.0),
-                                 random_erasing=getattr(cfg, "random_erasing", 0.0))
+            ds.transform = train_transform(
+                cfg.crop, cfg.resize, mean, std, cfg.augmentation,
+                auto_augment=getattr(cfg, "auto_augment", ""),
+                color_jitter=getattr(cfg, "color_jitter", 0.0),
+                random_erasing=getattr(cfg, "random_erasing", 0.0))
         elif ten_crop:
-            tf = ten_crop_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std)
+            ds.transform = ten_crop_transform(cfg.crop, cfg.resize, mean, std, channels)
         else:
-            tf = eval_transform(cfg.crop, cfg.resize, cfg.mean, cfg.std)
-        ds = SafeImageFolder(root / split, tf, classes, cfg.strict)
+            ds.transform = eval_transform(cfg.crop, cfg.resize, mean, std)
         classes = classes or ds.classes
         bs = cfg.batch_size if training or not ten_crop else max(1, cfg.batch_size // 10)
         loaders[split] = FolderLoader(ds, bs, shuffle=training, seed=cfg.seed,
                                       workers=cfg.workers, strict=cfg.strict, pin_memory=pin)
-    return DataBundle(loaders, classes or [], 3, preprocessing_of(cfg))
+    # What predict and eval must repeat: the channels, the bit-depth scaling, the statistics.
+    pre = {**preprocessing_of(cfg), "mean": mean, "std": std, "channels": channels,
+           "high_bit_depth": TYPE_RANGE}
+    return DataBundle(loaders, classes or [], channels, pre)
+
+
+def channels_of(ds: SafeImageFolder) -> int:
+    """1 when every readable image of ``ds`` holds one channel (grayscale of any bit depth),
+    else 3; 3 when the folder is too large to read every header."""
+    modes = {m for m in ds.probed() or [None] if m is not None}
+    return 1 if modes and modes <= ONE_CHANNEL else 3
+
+
+def note_high_bit_depth(ds: SafeImageFolder) -> None:
+    """Say once that wide grayscale files are scaled (a silent change of the data is a bug)."""
+    wide = sorted({m for m in ds.probed() or [] if m in HIGH_BIT_DEPTH})
+    if wide:
+        print(f"densenets: {ds.root} holds {'/'.join(wide)} grayscale images: each is {TYPE_RANGE} "
+              "(as predict does), not clipped to 8 bits", file=sys.stderr)

@@ -166,8 +166,10 @@ def _train(cfg: TrainConfig, state: dict | None, d: distributed.Dist, device: to
     distributed.seed_rank(cfg.seed, d)
     run_dir = agreed_run_dir(cfg, state is not None, d, device)
     per_process = distributed.local_batch_size(cfg.batch_size, d.world_size)
-    record = {**cfg.to_dict(), "distributed": {**d.describe(), "sync_bn": sync_bn,
-                                                "batch_per_process": per_process}}
+    # The preprocessing (channels, bit depth, statistics, volume size) as predict repeats it.
+    record = {**cfg.to_dict(), "preprocessing": data.preprocessing,
+              "distributed": {**d.describe(), "sync_bn": sync_bn,
+                              "batch_per_process": per_process}}
     if d.is_main:
         write_json(record, run_dir / "config.json")
     params = sum(p.numel() for p in model.parameters())

@@ -161,9 +161,6 @@ def test_memory_efficient_trains_like_the_plain_model(dims, sides):
         assert rel(plain.eval()(x), efficient.eval()(x)) < TOL
 
 
-@pytest.mark.xfail(strict=True, reason="efficient/algorithm.py returns its reused 'out' workspace "
-                   "itself when every side of a block is 1 (.contiguous() copies nothing), so the "
-                   "next block overwrites the bottleneck's output")
 def test_memory_efficient_with_a_one_pixel_bottleneck():
     plain, efficient = make_pair(2, drop_rate=0.0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)

@@ -35,12 +35,13 @@ from .layout import (
     dropout_noise,
     growth_conv,
     growth_conv_grads,
+    is_channels_last,
     memory_format,
     rows,
     spatial_rank,
     unrows,
 )
-from .workspace import workspace
+from .workspace import fresh_scratch, workspace
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,14 @@ class BlockSpec:
     compute_dtype: torch.dtype  # activations and convolutions
     channels_last: bool  # the input is channels-last: the output is the block buffer itself
     instance: bool = False  # instance norm: statistics per sample and channel, not per channel
+    # Memory before speed (volumes; see layout.MEMORY_FIRST_RANKS): recompute each layer's
+    # bottleneck output in backward (one more 1x1 convolution per layer, 4k channels per layer
+    # less memory) and free scratch buffers after each pass instead of keeping them for the next.
+    memory_first: bool = False
+
+    @property
+    def keep_bottleneck(self) -> bool:
+        return not self.memory_first
 
     @property
     def num_layers(self) -> int:
@@ -109,7 +118,7 @@ class Saved:
     var2: Tensor
     invstd2: Tensor
     xhat: Tensor  # [M, C] the normalised block (backends that keep normalised copies)
-    zhat: Tensor  # [L, M, 4k] the normalised bottleneck outputs (the same backends)
+    zhat: Tensor  # [L, M, 4k] the normalised bottleneck outputs (the same backends, when kept)
     block: Tensor  # [M, C] the raw block (backends that normalise on load), unless the output
     #                is the block buffer itself (channels-last): then backward views the output
     z: Tensor  # [L, M, 4k] the raw bottleneck outputs (backends that normalise on load)
@@ -133,7 +142,8 @@ class Saved:
         return Saved(new(*stats), new(*stats), new(*stats), new(*stats2), new(*stats2),
                      new(*stats2),
                      xhat=new(*(none if on_load else (m, c)), dtype=cdt),
-                     zhat=new(*(none if on_load else per_layer), dtype=cdt),
+                     zhat=new(*(none if on_load or not spec.keep_bottleneck else per_layer),
+                              dtype=cdt),
                      block=new(*none, dtype=cdt),
                      z=new(*(per_layer if on_load else none), dtype=cdt))
 
@@ -159,8 +169,9 @@ class Passes(Protocol):
         """Forward: layer i's growth convolution input [M, 4k or c] from the c channels before
         it; ``noise`` is the bottleneck's dropout mask."""
 
-    def recompute_conv_input(self, i: int, c: int, p: LayerParams) -> Tensor:
-        """Backward: :meth:`conv_input` again from what was saved."""
+    def recompute_conv_input(self, i: int, c: int, p: LayerParams,
+                             noise: Tensor | None) -> Tensor:
+        """Backward: :meth:`conv_input` again from what was saved (``noise`` as there)."""
 
     def conv_input_backward(self, i: int, c: int, p: LayerParams, dh: Tensor, h: Tensor,
                             g_sum: Tensor, accumulate: bool,
@@ -176,6 +187,11 @@ class Passes(Protocol):
 
 def forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[Tensor, Saved]:
     """Training-mode forward of one block: (output, what :func:`backward` reads)."""
+    with fresh_scratch(spec.memory_first):
+        return _forward(passes, spec, x, params)
+
+
+def _forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[Tensor, Saved]:
     n, c0, *spatial = x.shape
     spatial_rank(x.shape)
     m, c_out, k, cdt = x.numel() // c0, spec.out_channels, spec.growth_rate, spec.compute_dtype
@@ -203,7 +219,8 @@ def forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[T
         run.add_channels(c, new)
     result = unrows(block, n, spatial)
     if not spec.channels_last:
-        result = result.contiguous()
+        # always a copy: the buffer is scratch (an all-ones-sized map is contiguous already)
+        result = result.clone(memory_format=torch.contiguous_format)
         if passes.normalises_on_load:
             saved.block = block
     return result, saved
@@ -214,13 +231,21 @@ def _noise(saved: Saved, spec: BlockSpec, x: Tensor, channels: int, p: float) ->
     if p == 0:
         return None
     shape = (x.shape[0], channels, *x.shape[2:])
-    saved.noises.append(dropout_noise(shape, p, spec.compute_dtype, x.device, spec.channels_last))
+    # laid out as the plain model's tensor is: as the input (the output may differ, see ops)
+    saved.noises.append(dropout_noise(shape, p, spec.compute_dtype, x.device,
+                                      is_channels_last(x)))
     return saved.noises[-1]
 
 
 def backward(passes: type[Passes], spec: BlockSpec, grad_out: Tensor, result: Tensor, params,
              saved: Saved) -> tuple[Tensor, list[Tensor]]:
     """(dL/dx, parameter gradients in ``params`` order) of :func:`forward`."""
+    with fresh_scratch(spec.memory_first):
+        return _backward(passes, spec, grad_out, result, params, saved)
+
+
+def _backward(passes: type[Passes], spec: BlockSpec, grad_out: Tensor, result: Tensor, params,
+              saved: Saved) -> tuple[Tensor, list[Tensor]]:
     n, _, *spatial = result.shape
     c0, k, cdt = spec.in_channels, spec.growth_rate, spec.compute_dtype
     m = result.numel() // spec.out_channels
@@ -241,9 +266,9 @@ def backward(passes: type[Passes], spec: BlockSpec, grad_out: Tensor, result: Te
         if spec.drop_rates[i] > 0:
             d_new = d_new * noises.pop()
         d_new = unrows(d_new.to(cdt).contiguous(), n, spatial)
-        h = run.recompute_conv_input(i, c, p)
-        dh, dw_growth = growth_conv_grads(d_new, unrows(h, n, spatial), p.w_growth.to(cdt))
         noise = noises.pop() if spec.bottleneck and spec.drop_rates[i] > 0 else None
+        h = run.recompute_conv_input(i, c, p, noise)
+        dh, dw_growth = growth_conv_grads(d_new, unrows(h, n, spatial), p.w_growth.to(cdt))
         # the last layer reads every earlier channel: it writes g_sum, the others add to it
         g = run.conv_input_backward(i, c, p, rows(dh), h, g_sum, i != last, noise)
         g = g._replace(w_growth=dw_growth)

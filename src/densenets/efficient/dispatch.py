@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels, ops  # ops registers the densenets:: custom operators
-from .layout import is_channels_last
+from .layout import is_channels_last, memory_first
 from .triton_passes import TRITON_DTYPES
 from .workspace import clear_workspaces
 
@@ -91,6 +91,13 @@ def _norm_problem(norms: list[nn.Module], rank: int) -> str | None:
     if not all(bn.training for bn in norms):
         return "a norm layer is in eval mode (frozen statistics) inside a training block"
     return None
+
+
+def _returns_buffer(x: torch.Tensor) -> bool:
+    """Whether the block returns its buffer itself, channels-last: when the input is, and always
+    for ranks that put memory first (a contiguous copy would be the block's size once more;
+    what follows takes either layout)."""
+    return is_channels_last(x) or memory_first(x.dim() - 2)
 
 
 def _is_instance(block: nn.Module) -> bool:
@@ -262,7 +269,7 @@ def efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             layers[0].conv1.out_channels if bottleneck else 0,
             [layer.drop_rate if layer.training else 0.0 for layer in layers],
             layers[0].norm1.eps, layers[0].norm2.eps if bottleneck else 0.0,
-            is_channels_last(x), kernels, instance)
+            _returns_buffer(x), kernels, instance)
     out, saved = ops.outputs(outs)
     count = x.numel() // x.shape[1] // (x.shape[0] if instance else 1)
     for i, layer in enumerate(layers):

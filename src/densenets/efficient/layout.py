@@ -18,6 +18,15 @@ import torch.nn.functional as F
 MEMORY_FORMATS: dict[int, torch.memory_format] = {
     1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d}
 
+# Volumes put memory first: each layer's bottleneck output (its 1x1 convolution) is recomputed
+# in backward rather than kept, and scratch buffers are freed after each pass rather than kept
+# for the next step. At 128^3 the kept bottleneck outputs of DenseNet-121's first block alone
+# take 200 MiB per two volumes, and memory is what stops 3D training, while one more 1x1
+# convolution per layer costs little next to the 3x3x3 growth convolution (27x its
+# multiply-adds per output channel), and a fresh allocation little next to a 3D pass. Signals
+# and images keep both: there the step is bound by time, not memory.
+MEMORY_FIRST_RANKS = frozenset({3})
+
 _conv_backward = torch.ops.aten.convolution_backward.default
 
 
@@ -28,6 +37,11 @@ def spatial_rank(shape) -> int:
         raise ValueError(f"memory-efficient blocks take inputs with spatial rank "
                          f"{sorted(MEMORY_FORMATS)}, got shape {tuple(shape)}")
     return rank
+
+
+def memory_first(rank: int) -> bool:
+    """Whether blocks of this rank trade a little speed for memory (see MEMORY_FIRST_RANKS)."""
+    return rank in MEMORY_FIRST_RANKS
 
 
 def memory_format(rank: int, channels_last: bool) -> torch.memory_format:

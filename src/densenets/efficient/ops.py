@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import algorithm
 from .algorithm import BlockSpec, Saved
-from .layout import memory_format
+from .layout import memory_first, memory_format
 from .passes import NativePasses, TorchPasses
 from .triton_passes import TritonPasses
 
@@ -42,12 +42,14 @@ def outputs(outs: list[Tensor]) -> tuple[Tensor, Saved]:
     return outs[0], _unflatten(outs[1:])
 
 
-def _spec(c0: int, dtype: torch.dtype, growth_rate: int, inter_channels: int,
+def _spec(x: Tensor, c0: int, growth_rate: int, inter_channels: int,
           drop_rates: list[float], eps1: float, eps2: float, channels_last: bool,
           instance: bool) -> BlockSpec:
+    """The spec of a block whose input or output is ``x`` (``c0`` input channels)."""
     return BlockSpec(in_channels=c0, growth_rate=growth_rate, inter_channels=inter_channels,
-                     drop_rates=tuple(drop_rates), eps1=eps1, eps2=eps2, compute_dtype=dtype,
-                     channels_last=channels_last, instance=instance)
+                     drop_rates=tuple(drop_rates), eps1=eps1, eps2=eps2, compute_dtype=x.dtype,
+                     channels_last=channels_last, instance=instance,
+                     memory_first=memory_first(x.dim() - 2))
 
 
 @torch.library.custom_op("densenets::dense_block", mutates_args=())
@@ -56,7 +58,7 @@ def dense_block(x: Tensor, params: list[Tensor], growth_rate: int, inter_channel
                 kernels: str, instance: bool = False) -> list[Tensor]:
     """Training-mode forward of one dense block (see the module docstring for the outputs);
     ``instance``: instance norm's statistics (per sample and channel) instead of batch norm's."""
-    spec = _spec(x.shape[1], x.dtype, growth_rate, inter_channels, drop_rates, eps1, eps2,
+    spec = _spec(x, x.shape[1], growth_rate, inter_channels, drop_rates, eps1, eps2,
                  channels_last, instance)
     with torch.no_grad():
         return _flatten(*algorithm.forward(BACKENDS[kernels], spec, x, params))
@@ -65,7 +67,7 @@ def dense_block(x: Tensor, params: list[Tensor], growth_rate: int, inter_channel
 @dense_block.register_fake
 def _(x, params, growth_rate, inter_channels, drop_rates, eps1, eps2, channels_last, kernels,
       instance=False):
-    spec = _spec(x.shape[1], x.dtype, growth_rate, inter_channels, drop_rates, eps1, eps2,
+    spec = _spec(x, x.shape[1], growth_rate, inter_channels, drop_rates, eps1, eps2,
                  channels_last, instance)
     return _flatten(*algorithm.fake_forward(BACKENDS[kernels], spec, x))
 
@@ -78,7 +80,7 @@ def dense_block_backward(grad_out: Tensor, result: Tensor, params: list[Tensor],
     """[dL/dx, *parameter gradients] of :func:`dense_block`; ``saved`` is its outputs after
     the first."""
     c0 = result.shape[1] - len(drop_rates) * growth_rate
-    spec = _spec(c0, result.dtype, growth_rate, inter_channels, drop_rates, eps1, eps2,
+    spec = _spec(result, c0, growth_rate, inter_channels, drop_rates, eps1, eps2,
                  channels_last, instance)
     with torch.no_grad():
         dx, grads = algorithm.backward(BACKENDS[kernels], spec, grad_out, result, params,

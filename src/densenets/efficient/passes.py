@@ -75,29 +75,46 @@ class TorchPasses:
         a = workspace("a", (self.m, c), self.cdt, self.dev)
         return bn_relu(self.s.xhat[:, :c], p.gamma1, p.beta1, a, self.native)
 
-    def conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
-        if not self.spec.bottleneck:
-            return self._bn1_relu(c, p)
-        s, m, b, cdt = self.s, self.m, self.spec.inter_channels, self.cdt
-        z = s.zhat[i]
+    def _zhat(self, i: int) -> torch.Tensor:
+        """Layer i's bottleneck output [M, 4k]: kept, or the one last (re)computed."""
+        return self.s.zhat[i] if self.spec.keep_bottleneck else self._z
+
+    def _bottleneck(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
+        """z = conv1x1(relu(BN1(prefix))) [* dropout mask], unnormalised, into :meth:`_zhat`."""
+        s, b, cdt = self.s, self.spec.inter_channels, self.cdt
+        if not self.spec.keep_bottleneck:
+            self._z = workspace("z", (self.m, b), cdt, self.dev)
+        z = self._zhat(i)
         w1t = p.w1.to(cdt).view(b, c).t()
-        for r in row_chunks(m, c, self.dev):
+        for r in row_chunks(self.m, c, self.dev):
             a = workspace("a", (r.stop - r.start, c), cdt, self.dev)
             torch.mm(bn_relu(s.xhat[r, :c], p.gamma1, p.beta1, a, self.native), w1t, out=z[r])
         if noise is not None:
             z.mul_(noise)
-        hidden = workspace("b", (m, b), cdt, self.dev)
+        return z
+
+    def conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
+        if not self.spec.bottleneck:
+            return self._bn1_relu(c, p)
+        s = self.s
+        z = self._bottleneck(i, c, p, noise)
+        hidden = workspace("b", (self.m, self.spec.inter_channels), self.cdt, self.dev)
         mean, var, invstd = (self._sets(t[i]) for t in (s.mean2, s.var2, s.invstd2))
         for g, r in enumerate(self.groups):
             normalise(z[r], z[r], self.spec.eps2, self.acc, self.native,
                       (mean[g], var[g], invstd[g]), relu=(p.gamma2, p.beta2, hidden[r]))
         return hidden
 
-    def recompute_conv_input(self, i: int, c: int, p: LayerParams) -> torch.Tensor:
+    def recompute_conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
         if not self.spec.bottleneck:
             return self._bn1_relu(c, p)
+        if not self.spec.keep_bottleneck:  # normalise with the statistics forward computed
+            z = self._bottleneck(i, c, p, noise)
+            mean, invstd = self._sets(self.s.mean2[i]), self._sets(self.s.invstd2[i])
+            for g, r in enumerate(self.groups):
+                z[r].sub_(mean[g].to(z.dtype)).mul_(invstd[g].to(z.dtype))
         hidden = workspace("b", (self.m, self.spec.inter_channels), self.cdt, self.dev)
-        return bn_relu(self.s.zhat[i], p.gamma2, p.beta2, hidden, self.native)
+        return bn_relu(self._zhat(i), p.gamma2, p.beta2, hidden, self.native)
 
     def conv_input_backward(self, i: int, c: int, p: LayerParams, dh, h, g_sum,
                             accumulate: bool, noise) -> LayerParams:
@@ -117,13 +134,12 @@ class TorchPasses:
     def _bn2_backward(self, i: int, p: LayerParams, dh, h):
         """(dL/dz_raw, dgamma2, dbeta2) of layer i's BN2-ReLU, one set of statistics at a time
         (dL/dz_raw lands in ``dh``'s rows where there is more than one set)."""
-        s, invstd = self.s, self._sets(self.s.invstd2[i])
+        zhat, invstd = self._zhat(i), self._sets(self.s.invstd2[i])
         if len(self.groups) == 1:
-            return bn_backward(dh, s.zhat[i], h, p.gamma2, p.beta2, invstd[0], self.acc,
-                               self.native)
+            return bn_backward(dh, zhat, h, p.gamma2, p.beta2, invstd[0], self.acc, self.native)
         dg2 = db2 = 0
         for g, r in enumerate(self.groups):
-            dz, dg, db = bn_backward(dh[r], s.zhat[i][r], h[r], p.gamma2, p.beta2, invstd[g],
+            dz, dg, db = bn_backward(dh[r], zhat[r], h[r], p.gamma2, p.beta2, invstd[g],
                                      self.acc, self.native)
             if dz.data_ptr() != dh[r].data_ptr():
                 dh[r].copy_(dz)

@@ -284,7 +284,7 @@ class TritonPasses:
         finalize(part, self.m, self.spec.eps2, s.mean2[i], s.var2[i], s.invstd2[i])
         return self._bn2_relu(i, p)
 
-    def recompute_conv_input(self, i: int, c: int, p: LayerParams) -> torch.Tensor:
+    def recompute_conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
         return self._bn2_relu(i, p) if self.spec.bottleneck else self._bn1_relu(c, p)
 
     def conv_input_backward(self, i: int, c: int, p: LayerParams, dh, h, g_sum,

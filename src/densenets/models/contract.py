@@ -135,12 +135,13 @@ class Taps:
         noun = type(self.config).__name__.removesuffix("Config")  # type: ignore[attr-defined]
         dims = getattr(self.config, "spatial_dims", 2)  # type: ignore[attr-defined]
         layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[dims]
+        rank = "" if dims == 2 else f" (this {noun} has spatial_dims={dims})"
         if x.dim() == dims + 1:
             raise ValueError(f"expected a batch {layout} but got one image of shape "
-                             f"{tuple(x.shape)}; add the batch dimension: x.unsqueeze(0)")
+                             f"{tuple(x.shape)}; add the batch dimension: x.unsqueeze(0){rank}")
         if x.dim() != dims + 2:
             raise ValueError(f"expected a {dims + 2}-D batch {layout}, got shape "
-                             f"{tuple(x.shape)} (this {noun} has spatial_dims={dims})")
+                             f"{tuple(x.shape)}{rank}")
         weight = next(self.parameters(), None)  # type: ignore[attr-defined]
         held = torch.float32 if weight is None else weight.dtype
         # Under autocast the convolutions cast any floating input themselves.

@@ -236,7 +236,7 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     if in_channels == 1:
         return weight.sum(dim=1, keepdim=True)
     reps = -(-in_channels // c)
-    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (c / in_channels)
+    return weight.repeat(1, reps, *[1] * (weight.dim() - 2))[:, :in_channels] * (c / in_channels)
 
 
 # ---------------------------------------------------------------- the DenseNet family's layout

@@ -146,7 +146,7 @@ def test_resume_may_change_only_the_declared_fields():
     (dict(mixup_prob=1.5), r"--mixup-prob is a probability in \[0, 1\], got 1.5"),
     (dict(ema_decay=1.0), r"--ema-decay must be in \[0, 1\), got 1.0"),
     (dict(accum_steps=0), "--accum-steps must be >= 1 batch per step, got 0"),
-    (dict(optimizer="lamb"), "--optimizer must be one of sgd, adamw, got 'lamb'"),
+    (dict(optimizer="lamb"), "--optimizer must be one of sgd, adamw, rmsprop, got 'lamb'"),
     (dict(device="tpu:x"), "--device must be auto, cpu, cuda or cuda:N"),
     (dict(val_split=-2), "--val-split must be >= 0 images, got -2"),
 ])

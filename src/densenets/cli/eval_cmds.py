@@ -46,6 +46,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    if "miou" in out:  # a segmentation run
+        print_segmentation(out)
+        return 0
     crop = "10-crop" if args.ten_crop else "single crop"
     which = " (EMA weights)" if args.ema else ""
     print(f"{out['checkpoint']}: {out['model']}{which} after epoch {out['epoch']}, "
@@ -53,3 +56,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"  top-1 error {out['top1_err']:.2f}% (accuracy {out['top1_acc']:.2f}%)  "
           f"top-5 error {out['top5_err']:.2f}%  loss {out['loss']:.4f}")
     return 0
+
+
+def print_segmentation(out: dict) -> None:
+    """Mean IoU, pixel accuracy, loss, and each class's IoU."""
+    which = " (EMA weights)" if out["ema"] else ""
+    print(f"{out['checkpoint']}: {out['model']}{which} after epoch {out['epoch']}, "
+          f"{out['recipe']} {out['split']} split, {out['images']:,} images, "
+          f"{out['pixels']:,} labelled pixels (void {out['ignore_index']} left out):")
+    print(f"  mean IoU {out['miou']:.2f}%  pixel accuracy {out['pixel_acc']:.2f}%  "
+          f"loss {out['loss']:.4f}")
+    width = max(len(name) for name in out["iou"])
+    for name, iou in out["iou"].items():
+        shown = "-  (in neither targets nor predictions)" if iou is None else f"{iou:6.2f}%"
+        print(f"  {name:<{width}}  IoU {shown}")

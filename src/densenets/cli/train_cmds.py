@@ -73,10 +73,18 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"finished {runs.plural(s['epochs_completed'], 'epoch')} in {s['seconds']:.1f} s "
           f"({s['images_per_s']:,.0f} training images/s on {s['device']})")
     for split in splits:
+        if f"{split}_miou" in final:  # segmentation
+            print(f"  {split}: mean IoU {final[f'{split}_miou']:.2f}%, pixel accuracy "
+                  f"{final[f'{split}_pixel_acc']:.2f}%, loss {final[f'{split}_loss']:.4f} "
+                  "(last epoch)")
+            continue
         err = final[f"{split}_top1_err"]
         print(f"  {split}: top-1 error {err:.2f}% (accuracy {100 - err:.2f}%), top-5 error "
               f"{final[f'{split}_top5_err']:.2f}%, loss {final[f'{split}_loss']:.4f} "
               f"(last epoch)")
+    if s["at_best"] and s["best"]["split"] == "val" and "test_miou" in s["at_best"]:
+        print(f"  test mean IoU at the best validation epoch ({s['best']['epoch']}): "
+              f"{s['at_best']['test_miou']:.2f}%")
     if s["at_best"] and s["best"]["split"] == "val" and "test_top1_err" in s["at_best"]:
         print(f"  test top-1 error at the best validation epoch ({s['best']['epoch']}): "
               f"{s['at_best']['test_top1_err']:.2f}%")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..deploy.export import FORMATS, check_destination, export, verify, within_tolerance
 from ..deploy.predict import predict_files, weights_meta
+from ..deploy.segment import is_segmentation_model, predict_masks
 from .flags import JSON, add_device_flag, add_model_source, is_file_spec, model_of, verb
 
 
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files (a volume model: .npy/.nii/.nii.gz volumes)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--out", metavar="DIR", help="segmentation models: write NAME_mask.png "
+                   "(class indices) and NAME_overlay.png for each image into DIR")
     add_device_flag(p, default="cpu")
 
 
@@ -117,6 +120,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names stored with its weights. Unreadable files are reported and skipped (exit status
     1); the rest are still predicted."""
     name, model = model_of(args)
+    if is_segmentation_model(model):
+        return _predict_masks(name, model, args)
+    if args.out:
+        raise ValueError(f"--out writes segmentation masks; {name} is a classifier (it prints "
+                         "its top classes): drop --out")
     report = predict_files(model, args.images, topk=args.topk, batch_size=args.batch_size,
                            device=args.device)
     meta = weights_meta(model)
@@ -151,3 +159,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for rank, t in enumerate(p.topk, 1):
                 print(f"  {rank}. {t['probability'] * 100:6.2f}%  {t['label']} ({t['index']})")
     return 1 if report.skipped else 0
+
+
+def _predict_masks(name: str, model, args: argparse.Namespace) -> int:
+    """A segmentation model's predict: a mask and an overlay PNG per image into --out."""
+    if not args.out:
+        raise ValueError(f"{name} is a segmentation model: pass --out DIR for its mask and "
+                         "overlay PNGs")
+    report = predict_masks(model, args.images, args.out, device=args.device)
+    for s in report["skipped"]:
+        print(f"densenets predict: skipped {s['file']}: {s['error']}", file=sys.stderr)
+    if args.json:
+        warning = {"warning": RANDOM_WEIGHTS} if is_random(args) else {}
+        print(json.dumps({"model": name, "ema": args.ema, **warning, **report}, indent=2))
+    else:
+        caution = f" ({RANDOM_WEIGHTS})" if is_random(args) else ""
+        print(f"{_named(name, args)}{caution}: whole images, class indices in NAME_mask.png")
+        for m in report["masks"]:
+            top = ", ".join(f"{c} {share:.1f}%" for c, share in sorted(
+                m["classes"].items(), key=lambda kv: -kv[1])[:5])
+            print(f"{m['file']}: {m['mask']}, {m['overlay']} ({top})")
+    return 1 if report["skipped"] else 0

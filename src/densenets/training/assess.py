@@ -15,9 +15,10 @@ from ..weights.files import training_weights
 from . import distributed
 from .checkpoint import load_checkpoint
 from .data import build_data
-from .evaluate import evaluate
+from .evaluate import autocast, evaluate
 from .model import model_from_checkpoint
 from .recipes import TrainConfig, check_amp, resolve
+from .segmentation import is_segmentation, objective_of
 
 
 def checkpoint_of_run(path: str) -> tuple[Path, dict]:
@@ -61,8 +62,10 @@ def evaluate_checkpoint(source: str, *, recipe: str | None = None, split: str | 
                         device: str = "auto", download: bool = False,
                         **data: Any) -> dict[str, Any] | None:
     """Loss and top-1/top-5 error (%) of checkpoint or run directory ``source`` on ``split``
-    (default: the one the paper reports); ``data`` sets ``data_dir``, ``batch_size`` or
-    ``workers`` (None: the training run's). None on every process but the first."""
+    (default: the one the paper reports), or for a segmentation run its pixel accuracy, mean
+    IoU and per-class IoU (%, None for a class in neither targets nor predictions); ``data``
+    sets ``data_dir``, ``batch_size`` or ``workers`` (None: the training run's). None on every
+    process but the first."""
     with distributed.joined(resolve_device(device)) as (d, dev):  # under torchrun: shards
         check_amp(amp, dev)
         path, state = checkpoint_of_run(source)
@@ -71,6 +74,9 @@ def evaluate_checkpoint(source: str, *, recipe: str | None = None, split: str | 
             if value is not None:
                 setattr(cfg, key, value)
         cfg.download = download
+        if is_segmentation(cfg):  # the classes are the model's, whichever split is read
+            cfg.model_overrides = {**(cfg.model_overrides or {}),
+                                   "num_classes": state["model_config"]["num_classes"]}
         split = split or cfg.eval_split
         built = build_data(cfg, dev, splits=(split,), ten_crop=ten_crop)
         if split not in built.loaders:
@@ -83,11 +89,31 @@ def evaluate_checkpoint(source: str, *, recipe: str | None = None, split: str | 
             raise ValueError(f"the {cfg.recipe} {split} data has {built.num_classes} classes but "
                              f"the checkpoint's model predicts {model.config.num_classes}")
         distributed.shard_loaders({split: built.loaders[split]}, d)
-        m = evaluate(model.to(dev), built.loaders[split], dev, amp=amp, reduce=d.all_sum)
+        if is_segmentation(cfg):
+            m = objective_of(cfg, built.num_classes).evaluate(
+                model.to(dev), built.loaders[split], dev, autocast=lambda: autocast(dev, amp),
+                reduce=d.all_sum)
+        else:
+            m = evaluate(model.to(dev), built.loaders[split], dev, amp=amp, reduce=d.all_sum)
         if not d.is_main:
             return None
+    if is_segmentation(cfg):
+        return {"checkpoint": str(path), "model": state.get("model_name"),
+                "epoch": state.get("epoch"), "ema": ema, "recipe": cfg.recipe, "split": split,
+                "images": m["n"], "pixels": m["pixels"], "ignore_index": cfg.ignore_index,
+                "loss": round(m["loss"], 8), "pixel_acc": round(m["pixel_acc"], 8),
+                "miou": round(m["miou"], 8),
+                "iou": {name: None if v is None else round(100 * v, 8)
+                        for name, v in zip(_names(state, built.class_names), m["iou"],
+                                           strict=True)}}
     return {"checkpoint": str(path), "model": state.get("model_name"),
             "epoch": state.get("epoch"), "ema": ema, "recipe": cfg.recipe, "split": split,
             "ten_crop": ten_crop, "images": m["n"], "loss": round(m["loss"], 8),
             "top1_err": round(m["top1_err"], 8), "top5_err": round(m["top5_err"], 8),
             "top1_acc": round(100 - m["top1_err"], 8)}
+
+
+def _names(state: dict[str, Any], fallback: list[str]) -> list[str]:
+    """The class names the run trained with (the checkpoint's), else the data's."""
+    stored = (state.get("meta") or {}).get("class_names")
+    return list(stored) if stored and len(stored) == len(fallback) else fallback

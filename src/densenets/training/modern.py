@@ -13,8 +13,8 @@ from typing import Any
 
 from ..models.registry import family_for
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")
+SCHEDULES = ("step", "cosine", "exponential")
 
 
 def check_modern(cfg: Any) -> None:

@@ -56,14 +56,17 @@ class OptimizerSettings:
 def build_optimizer(model: nn.Module, name: str = "sgd", *, lr: float, weight_decay: float,
                     decay_norm_bias: bool = True, momentum: float = 0.9, nesterov: bool = True,
                     dampening: float = 0.0) -> torch.optim.Optimizer:
-    """SGD (the paper's: momentum, Nesterov, weight decay) or AdamW (betas 0.9, 0.999)."""
+    """SGD (the paper's: momentum, Nesterov, weight decay), AdamW (betas 0.9, 0.999) or
+    RMSprop (alpha 0.9, eps 1e-6, weight decay added to the gradient: FC-DenseNet's)."""
     groups = param_groups(model, weight_decay, decay_norm_bias)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, dampening=dampening,
                                nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; use sgd or adamw")
+    if name == "rmsprop":  # FC-DenseNet's: Lasagne's rmsprop defaults, rho 0.9, epsilon 1e-6
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-6)
+    raise ValueError(f"unknown optimizer {name!r}; use sgd, adamw or rmsprop")
 
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -87,6 +90,8 @@ class UpdateRules:
     ``mix(x, y, epoch, batch, rank) -> (x, soft targets)`` mixes a batch (mixup/cutmix);
     ``accum_steps`` batches make one update (their gradients add up, each weighted so that the
     update is the mean over all their images); ``clip_grad`` caps the L2 norm of all gradients.
+    ``objective``: a segmentation run's pixel-wise loss and metrics
+    (:class:`~densenets.training.segmetrics.PixelObjective`); None for a classifier.
     """
 
     label_smoothing: float = 0.0
@@ -94,9 +99,13 @@ class UpdateRules:
     clip_grad: float = 0.0
     ema_decay: float = 0.0
     mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    objective: Any = None
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy against class indices or (mixed) class probabilities."""
+        """Cross-entropy against class indices or (mixed) class probabilities (segmentation:
+        per pixel, the objective's)."""
+        if self.objective is not None:
+            return self.objective.loss(logits, target)
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def beyond_paper(self) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
+from ..weights.files import load as load_weights
 from . import distributed, rundir
 from .checkpoint import load_checkpoint, remove_stale_temporaries
 from .config import TrainConfig
@@ -33,6 +34,7 @@ from .optim import OptimizerSettings, UpdateRules, check_graphable
 from .recipes import RECIPES, check_amp, default_out_dir, resolve
 from .runlog import write_json
 from .schedule import schedule_of
+from .segmentation import check_segmentation, is_segmentation, objective_of
 from .settings import Checkpointing, Execution, Reporting
 
 # Fields that may change when a run is resumed; everything else is the stored configuration.
@@ -147,6 +149,8 @@ def _train(cfg: TrainConfig, state: dict | None, d: distributed.Dist, device: to
     if cfg.cuda_graphs:  # refused before anything is written
         check_supported(device, cfg.amp, d.enabled, cfg.compile)
     check_amp(cfg.amp, device)
+    if is_segmentation(cfg):
+        check_segmentation(cfg)
     if sync_bn and not d.enabled:
         _note("--sync-bn has no effect in a single process")
     if cfg.threads and device.type == "cpu":
@@ -154,11 +158,14 @@ def _train(cfg: TrainConfig, state: dict | None, d: distributed.Dist, device: to
     seed_everything(cfg.seed, cfg.deterministic)
     data = build_data(cfg, device)
     distributed.shard_loaders(data.loaders, d)
-    rules = pick(UpdateRules, cfg, mix=make_mix(cfg, data.num_classes))
+    rules = pick(UpdateRules, cfg, mix=make_mix(cfg, data.num_classes),
+                 objective=objective_of(cfg, data.num_classes) if is_segmentation(cfg) else None)
     if cfg.cuda_graphs:
         check_graphable(rules, cfg.optimizer, schedule_of(cfg).per_step())
     name, model = model_from_checkpoint(state) if state else \
         build_model(cfg, data.num_classes, data.in_channels)
+    if cfg.weights and not state:
+        start_from(model, cfg.weights)
     if cfg.memory_efficient:  # DenseNet: the memory-efficient blocks; RDNet: checkpointing
         model.set_grad_checkpointing(True)
     if sync_bn and d.enabled:
@@ -203,6 +210,17 @@ def _train(cfg: TrainConfig, state: dict | None, d: distributed.Dist, device: to
         if not d.enabled:
             raise
         raise RunFailed(distributed.lost_peer_message(e, d, run_dir)) from e
+
+
+def start_from(model: torch.nn.Module, path: str) -> None:
+    """Load the model weights of a checkpoint or run directory (``--weights``: fine-tuning)."""
+    source = load_weights(path)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ValueError(f"--weights {path} does not fit this run's model ({first[0].strip()}); "
+                         "pass weights of the same architecture and classes") from None
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -267,6 +285,10 @@ def describe_regimen(cfg: TrainConfig) -> str:
     parts = [cfg.optimizer]
     if cfg.schedule == "cosine":
         parts.append(f"cosine to {cfg.min_lr:g}")
+    if cfg.schedule == "exponential":
+        parts.append(f"x{cfg.gamma:g} per epoch")
+    if cfg.weights:
+        parts.append(f"from {cfg.weights}")
     if cfg.warmup_epochs:
         parts.append(f"{cfg.warmup_epochs:.3g} warm-up epochs from {cfg.warmup_lr:g}")
     named = (("label smoothing", cfg.label_smoothing), ("mixup", cfg.mixup),

@@ -47,11 +47,17 @@ def write_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None
     fig = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(fig)
     epochs = [r["epoch"] for r in history]
-    splits = [k[: -len("_loss")] for k in metric_columns(history) if k.endswith("_loss")]
+    columns = metric_columns(history)
+    splits = [k[: -len("_loss")] for k in columns if k.endswith("_loss")]
+    # a segmentation run has mean IoU where a classifier has top-1 error
+    second = ("top1_err", "top-1 error (%)") if any(k.endswith("_top1_err") for k in columns) \
+        else ("miou", "mean IoU (%)")
     for ax, metric, title in ((fig.add_subplot(1, 2, 1), "loss", "cross-entropy loss"),
-                              (fig.add_subplot(1, 2, 2), "top1_err", "top-1 error (%)")):
+                              (fig.add_subplot(1, 2, 2), *second)):
         for split in splits:
             ys = [r.get(f"{split}_{metric}") for r in history]
+            if all(y is None for y in ys):
+                continue  # the training split has no mean IoU
             ax.plot(epochs, ys, marker="o" if len(epochs) < 30 else None, ms=3, label=split)
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -106,11 +112,19 @@ class EpochProgress:
     @staticmethod
     def epoch_line(row: dict[str, Any], epochs: int) -> str:
         """``epoch 3/15 lr 0.1 train loss .. err ..% | test loss .. err ..% top-5 ..% | ..``"""
-        parts = [f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}", f"lr {row['lr']:.4g}",
-                 f"train loss {row['train_loss']:.4f} err {row['train_top1_err']:.2f}%"]
+        parts = [f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}", f"lr {row['lr']:.4g}"]
+        if "train_pixel_acc" in row:  # segmentation
+            parts.append(f"train loss {row['train_loss']:.4f} pixel acc "
+                         f"{row['train_pixel_acc']:.2f}%")
+        else:
+            parts.append(f"train loss {row['train_loss']:.4f} err {row['train_top1_err']:.2f}%")
         for key in row:
             if key.endswith("_loss") and key != "train_loss":
                 s = key[: -len("_loss")]
+                if f"{s}_miou" in row:
+                    parts.append(f"{s} loss {row[key]:.4f} pixel acc {row[f'{s}_pixel_acc']:.2f}% "
+                                 f"mIoU {row[f'{s}_miou']:.2f}%")
+                    continue
                 parts.append(f"{s} loss {row[key]:.4f} err {row[f'{s}_top1_err']:.2f}% "
                              f"top-5 {row[f'{s}_top5_err']:.2f}%")
         parts.append(f"{row['seconds']:.1f}s {row['images_per_s']:,.0f} img/s")

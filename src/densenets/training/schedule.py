@@ -16,9 +16,11 @@ from typing import Any
 
 @dataclass
 class Schedule:
-    """Step decay (``kind="step"``) or cosine (``"cosine"``), after an optional linear warm-up.
+    """Step decay (``kind="step"``), cosine (``"cosine"``) or exponential decay per epoch
+    (``"exponential"``), after an optional linear warm-up.
 
-    ``step``: ``lr * gamma ** (number of milestones <= epoch)``. ``cosine``: from ``lr`` at the end
+    ``step``: ``lr * gamma ** (number of milestones <= epoch)``. ``exponential``:
+    ``lr * gamma ** epoch``. ``cosine``: from ``lr`` at the end
     of the warm-up to ``min_lr`` at the last update of ``epochs``. Warm-up: ``warmup_epochs``
     (may be fractional) of updates rising linearly from ``warmup_lr`` towards ``lr``.
     """
@@ -42,6 +44,8 @@ class Schedule:
         warmup = round(self.warmup_epochs * updates_per_epoch)
         if t < warmup:
             return self.warmup_lr + (self.lr - self.warmup_lr) * t / warmup
+        if self.kind == "exponential":  # FC-DenseNet's: x gamma after every epoch
+            return self.lr * self.gamma ** epoch
         if self.kind == "cosine":
             span = max(self.epochs * updates_per_epoch - warmup, 1)
             progress = min((t - warmup) / span, 1.0)

@@ -32,8 +32,11 @@ rdnet_tiny = _entry("rdnet_tiny")
 rdnet_small = _entry("rdnet_small")
 rdnet_base = _entry("rdnet_base")
 rdnet_large = _entry("rdnet_large")
+fcdensenet56 = _entry("fcdensenet56")
+fcdensenet67 = _entry("fcdensenet67")
+fcdensenet103 = _entry("fcdensenet103")
 
 __all__ = ["create_model", "load", "densenet121", "densenet161", "densenet169", "densenet201",
            "densenet264", "densenet_bc_100_k12", "densenet_bc_250_k24", "densenet_bc_190_k40",
            "densenet_40_k12", "densenet264d", "densenetblur121d", "rdnet_tiny", "rdnet_small",
-           "rdnet_base", "rdnet_large"]
+           "rdnet_base", "rdnet_large", "fcdensenet56", "fcdensenet67", "fcdensenet103"]

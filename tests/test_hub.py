@@ -11,8 +11,9 @@ import pytest
 import torch
 from support import PUBLISHED_PARAMS
 
-from densenets import DenseNet, FeatureExtractor, create_model, save
+from densenets import DenseNet, FCDenseNet, FeatureExtractor, create_model, save
 from densenets.models import zoo
+from densenets.models.fcdensenet import FCDENSENET
 
 REPO = str(Path(__file__).resolve().parents[1])
 HELPERS = {"create_model", "load"}  # the entry points that are not one named model
@@ -46,8 +47,8 @@ def n_params(model: torch.nn.Module) -> int:
 
 def test_every_hub_entry_is_pinned_here():
     entries = set(hubconf().__all__) - HELPERS
-    assert entries == set(zoo.IMAGENET) | set(CIFAR) | {n for n in PUBLISHED_PARAMS
-                                                        if n.startswith("rdnet")}
+    assert entries == set(zoo.IMAGENET) | set(CIFAR) | set(FCDENSENET) | {
+        n for n in PUBLISHED_PARAMS if n.startswith("rdnet")}
     assert all(callable(getattr(hubconf(), n)) for n in entries | HELPERS)
 
 
@@ -75,6 +76,17 @@ def test_cifar_entries_match_table_2(entry):
 @pytest.mark.parametrize("name", [n for n in PUBLISHED_PARAMS if n.startswith("rdnet")])
 def test_rdnet_entries_have_timms_parameter_counts(name):
     assert n_params(hub_model(name)) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", list(FCDENSENET))
+def test_fcdensenet_entries_are_the_papers_tiramisus_in_any_rank(name):
+    model = hub_model(name)
+    assert isinstance(model, FCDenseNet)
+    assert {k: getattr(model.config, k) for k in FCDENSENET[name]} == FCDENSENET[name]
+    assert (model.config.num_classes, model.config.spatial_dims) == (11, 2)  # CamVid's classes
+    volume = hub_model(name, spatial_dims=3, in_channels=1, num_classes=2)
+    assert volume.conv0.weight.shape[1:] == (1, 3, 3, 3)
+    assert volume.classifier.weight.shape[:2] == (2, model.classifier.weight.shape[1])
 
 
 def test_hub_passes_weights_classes_and_backbone_options(tmp_path):

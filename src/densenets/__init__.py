@@ -10,6 +10,9 @@ from .factory import (
     densenet264,
     densenet264d,
     densenetblur121d,
+    fcdensenet56,
+    fcdensenet67,
+    fcdensenet103,
     list_models,
     rdnet_base,
     rdnet_large,
@@ -18,6 +21,7 @@ from .factory import (
 )
 from .models.backbone import FeatureExtractor
 from .models.densenet import DenseBlock, DenseNet, DenseNetConfig
+from .models.fcdensenet import FCDenseNet, FCDenseNetConfig
 from .models.layers import DenseLayer, Transition
 from .models.rdnet import RDNet, RDNetConfig, RDNetFeatures
 from .weights.files import KeyMismatchError, load, save
@@ -31,4 +35,5 @@ __all__ = [
     "FeatureExtractor", "KeyMismatchError", "load", "save",
     "RDNet", "RDNetConfig", "RDNetFeatures", "rdnet_base", "rdnet_large", "rdnet_small",
     "rdnet_tiny",
+    "FCDenseNet", "FCDenseNetConfig", "fcdensenet56", "fcdensenet67", "fcdensenet103",
 ]

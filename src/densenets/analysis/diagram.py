@@ -24,53 +24,72 @@ from torch import nn
 from ..models.densenet import DenseBlock, DenseNet
 from ..models.rdnet import RDNet
 from ..models.registry import family_of, model_kinds
-from .summary import summary
+from .summary import SIDES, spatial_dims, summary
 
 FORMATS = (".svg", ".png")
 
 
 @dataclass
 class Stage:
-    """One box of the overview: what it is, its output channels and spatial size."""
+    """One box of the overview: what it is, its output channels and spatial size (one side
+    per spatial dimension: L; H, W; D, H, W)."""
 
     name: str
     kind: str  # input | stem | block | transition | head
     lines: list[str]
     channels: int
-    size: tuple[int, int]
+    size: tuple[int, ...]
     num_layers: int | None = None
     connections: int | None = None
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model was designed for, as its ``pretrained_cfg`` says: 224 for ImageNet
-    stems and RDNets, 32 for CIFAR stems."""
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, *sides) the model was designed for, as its ``pretrained_cfg`` says: 224 for ImageNet
+    stems and RDNets, 32 for CIFAR stems, 96 per side for 3D ImageNet stems."""
     return tuple(model.pretrained_cfg["input_size"])
 
 
-def network_stages(model: nn.Module, input_size: tuple[int, int, int] | None = None
+def network_stages(model: nn.Module, input_size: tuple[int, ...] | None = None
                    ) -> list[Stage]:
-    """The overview's boxes, with shapes from a forward pass on the meta device (no compute)."""
-    return _drawing(model).stages(model, input_size or default_input_size(model))
+    """The overview's boxes, with shapes from a forward pass on the meta device (no compute).
+    ``input_size`` is (C, *sides) with one side per spatial dimension of the model."""
+    drawing = _drawing(model)
+    size = tuple(int(s) for s in (input_size or default_input_size(model)))
+    dims = spatial_dims(model)
+    if len(size) != dims + 1 or min(size) < 1:
+        raise ValueError(f"the input size takes C and {dims} spatial side(s) ({SIDES[dims]}) "
+                         f"for this {dims}D model, got {' '.join(map(str, size))}")
+    return drawing.stages(model, size)
 
 
-def _densenet_stages(model: DenseNet, size: tuple[int, int, int]) -> list[Stage]:
+def _kernel(n: int, dims: int) -> str:
+    """A kernel or window of side ``n`` in ``dims`` dimensions: 3×3, 3×3×3, 3."""
+    return "×".join([str(n)] * dims)
+
+
+def _sides(s: tuple[int, ...]) -> str:
+    return "×".join(map(str, s))
+
+
+def _densenet_stages(model: DenseNet, size: tuple[int, ...]) -> list[Stage]:
     """A DenseNet's boxes: the stem, each dense block and transition, the head."""
-    c, h, w = size
+    c, sides = size[0], size[1:]
     cfg = model.config
+    d = cfg.spatial_dims
     with torch.device("meta"):
         shadow = DenseNet(**{**cfg.to_dict(), "memory_efficient": False})
-    rows = {r.name: r for r in summary(shadow, (1, c, h, w)).rows if r.depth == 0}
-    stages = [Stage("input", "input", ["input", f"{c}×{h}×{w}"], c, (h, w))]
+    rows = {r.name: r for r in summary(shadow, (1, *size)).rows if r.depth == 0}
+    stages = [Stage("input", "input", ["input", f"{c}×{_sides(sides)}"], c, sides)]
     if cfg.stem == "imagenet":
         s = rows["pool0"].output_shape
-        convs = ["3× conv 3×3 (first /2)"] if cfg.deep_stem else ["conv 7×7/2"]
+        convs = [f"3× conv {_kernel(3, d)} (first /2)"] if cfg.deep_stem else \
+            [f"conv {_kernel(7, d)}/2"]
         ops = [*convs, "BN-ReLU", "max pool 3×3 + blur /2" if cfg.blur_pool else
-               "max pool 3×3/2"]
+               f"max pool {_kernel(3, d)}/2"]
     else:
         s = rows["conv0"].output_shape
-        ops = ["conv 3×3"]
-    stages.append(Stage("stem", "stem", ["stem", *ops, _shape(s)], s[1], (s[2], s[3])))
+        ops = [f"conv {_kernel(3, d)}"]
+    stages.append(Stage("stem", "stem", ["stem", *ops, _shape(s)], s[1], s[2:]))
     in_ch = s[1]
     for i, _ in enumerate(cfg.block_config, start=1):
         block: DenseBlock = getattr(model.features, f"denseblock{i}")
@@ -78,43 +97,44 @@ def _densenet_stages(model: DenseNet, size: tuple[int, int, int]) -> list[Stage]
         stages.append(Stage(
             f"denseblock{i}", "block",
             [f"dense block {i}", f"{block.num_layers} layers, k={block.growth_rate}",
-             f"{in_ch} → {s[1]} ch", f"{s[2]}×{s[3]}", f"{block.num_connections} connections"],
-            s[1], (s[2], s[3]), block.num_layers, block.num_connections))
+             f"{in_ch} → {s[1]} ch", _sides(s[2:]), f"{block.num_connections} connections"],
+            s[1], s[2:], block.num_layers, block.num_connections))
         if f"transition{i}" in rows:
             s = rows[f"transition{i}"].output_shape
             stages.append(Stage(f"transition{i}", "transition",
-                                [f"transition {i}", "BN-ReLU", "conv 1×1", "avg pool 2×2/2",
-                                 _shape(s)], s[1], (s[2], s[3])))
+                                [f"transition {i}", "BN-ReLU", f"conv {_kernel(1, d)}",
+                                 f"avg pool {_kernel(2, d)}/2", _shape(s)], s[1], s[2:]))
             in_ch = s[1]
     stages.append(Stage("head", "head",
                         ["head", "BN-ReLU", "global pool", "linear",
                          f"{model.num_features} → {cfg.num_classes}"],
-                        cfg.num_classes, (1, 1)))
+                        cfg.num_classes, (1,) * d))
     return stages
 
 
-def _rdnet_stages(model: RDNet, size: tuple[int, int, int]) -> list[Stage]:
-    """RDNet's boxes: the patchify stem, each transition and mixing block, the head."""
-    c, h, w = size
+def _rdnet_stages(model: RDNet, size: tuple[int, ...]) -> list[Stage]:
+    """RDNet's boxes (2D only): the patchify stem, each transition and mixing block, the
+    head."""
+    c, sides = size[0], size[1:]
     cfg = model.config
     with torch.device("meta"):
         shadow = RDNet(**cfg.to_dict())
-    rows = summary(shadow, (1, c, h, w)).rows
+    rows = summary(shadow, (1, *size)).rows
     p = cfg.patch_size
-    stages = [Stage("input", "input", ["input", f"{c}×{h}×{w}"], c, (h, w))]
+    stages = [Stage("input", "input", ["input", f"{c}×{_sides(sides)}"], c, sides)]
     for i, r in enumerate(rows):
         s = r.output_shape
         if r.name == "stem":
             stages.append(Stage("stem", "stem", ["stem", f"patchify {p}×{p}/{p}", "LayerNorm",
-                                                 _shape(s)], s[1], (s[2], s[3])))
+                                                 _shape(s)], s[1], s[2:]))
         elif r.name.startswith("mixing block"):
             b = int(r.name.rsplit(" ", 1)[1])
             stack = model.dense_stages[b][-1]
             stages.append(Stage(
                 f"denseblock{b + 1}", "block",
                 [f"mixing block {b + 1}", f"{stack.num_layers} mixers, GR={stack.growth_rate}",
-                 f"{stack.in_channels} → {s[1]} ch", f"{s[2]}×{s[3]}",
-                 f"{stack.num_connections} connections"], s[1], (s[2], s[3]),
+                 f"{stack.in_channels} → {s[1]} ch", _sides(s[2:]),
+                 f"{stack.num_connections} connections"], s[1], s[2:],
                 stack.num_layers, stack.num_connections))
             # its transition row follows it in the summary; draw it before the block
             nxt = rows[i + 1] if i + 1 < len(rows) else None
@@ -124,7 +144,7 @@ def _rdnet_stages(model: RDNet, size: tuple[int, int, int]) -> list[Stage]:
                 ts = t.output_shape
                 stages.insert(len(stages) - 1, Stage(
                     f"transition{b}", "transition", [f"transition {b}", "LayerNorm", merge,
-                                                     _shape(ts)], ts[1], (ts[2], ts[3])))
+                                                     _shape(ts)], ts[1], ts[2:]))
     stages.append(Stage("head", "head", ["head", "global pool", "LayerNorm", "linear",
                                          f"{model.num_features} → {cfg.num_classes}"],
                         cfg.num_classes, (1, 1)))
@@ -132,7 +152,8 @@ def _rdnet_stages(model: RDNet, size: tuple[int, int, int]) -> list[Stage]:
 
 
 def _shape(s: tuple[int, ...]) -> str:
-    return f"{s[1]}×{s[2]}×{s[3]}"
+    """A map's channels and sides, without the batch: 64×56×56."""
+    return _sides(s[1:])
 
 
 _COLOURS = {"input": "#e8e8e8", "stem": "#cfe2f3", "block": "#f9cb9c", "transition": "#b6d7a8",
@@ -238,7 +259,7 @@ def _rdnet_title(model: RDNet, n: int, params: int) -> str:
 class _Drawing:
     """How a family's model is drawn: its overview boxes, its dense blocks, its title."""
 
-    stages: Callable[[Any, tuple[int, int, int]], list[Stage]]
+    stages: Callable[[Any, tuple[int, ...]], list[Stage]]
     blocks: Callable[[Any], list[nn.Module]]  # with num_layers, growth_rate, connections...
     title: Callable[[Any, int, int], str]  # model, number of blocks, parameters
 
@@ -258,10 +279,14 @@ def _drawing(model: nn.Module) -> _Drawing:
     if family is None:
         raise TypeError(f"diagrams draw a densenets {model_kinds()}, got "
                         f"{type(model).__name__}")
+    if family.name not in DRAWINGS:  # an encoder-decoder is no chain of blocks to one head
+        raise ValueError(f"diagrams draw classification networks ({', '.join(DRAWINGS)}); an "
+                         f"{type(model).__name__} is not drawn: its layers are listed by "
+                         "densenets summary")
     return DRAWINGS[family.name]
 
 
-def draw(model: nn.Module, block: int = 1, input_size: tuple[int, int, int] | None = None,
+def draw(model: nn.Module, block: int = 1, input_size: tuple[int, ...] | None = None,
          title: str | None = None):
     """The figure of the network and dense block ``block`` (1-based), and what was drawn:
     the stages and the block's connection counts."""
@@ -293,8 +318,11 @@ def draw(model: nn.Module, block: int = 1, input_size: tuple[int, int, int] | No
 
 
 def diagram(model: nn.Module, path: str | Path, block: int = 1,
-            input_size: tuple[int, int, int] | None = None, title: str | None = None) -> dict:
+            input_size: tuple[int, ...] | None = None, title: str | None = None) -> dict:
     """Draw the network and dense block ``block`` (1-based) to ``path`` (.svg or .png).
+
+    ``input_size`` (C, *sides: L, H W or D H W by the model's rank) sets the sizes shown;
+    by default the model's native size.
 
     Returns what was drawn: the stages and the block's connection counts.
     """

@@ -1,8 +1,10 @@
 """Look inside a DenseNet: per-layer shapes, parameters and multiply-adds.
 
-MACs count multiply-accumulates of convolutions and the classifier (one per weight use),
-the convention under which DenseNet-121 at 224x224 costs 2.87 G; a FLOP counter that counts
-two per multiply-add reports twice that. BatchNorm, ReLU and pooling are not counted.
+MACs count multiply-accumulates of convolutions (1D, 2D, 3D and transposed) and the classifier
+(one per weight use), the convention under which DenseNet-121 at 224x224 costs 2.87 G; a FLOP
+counter that counts two per multiply-add (``torch.utils.flop_counter``) reports twice that.
+BatchNorm, ReLU and pooling are not counted (they add, compare or scale; none multiplies by a
+weight), so a pool's row shows 0.
 """
 
 from __future__ import annotations
@@ -176,9 +178,15 @@ def _densenet_parts(model: nn.Module) -> list[Part]:
             items.append(Part(name, "transition", m))
         else:
             items.append(Part(name, type(m).__name__, m))
-    items.append(Part("global_pool", "AdaptiveAvgPool2d", model.global_pool))
+    items.append(Part("global_pool", _pool_kind(model.global_pool), model.global_pool))
     items.append(Part("classifier", "Linear", model.classifier))
     return items
+
+
+def _pool_kind(pool: nn.Module) -> str:
+    """The head's pooling by its class (AdaptiveAvgPool1d/2d/3d follow the rank); a head
+    without pooling says so."""
+    return "no pooling" if isinstance(pool, nn.Identity) else type(pool).__name__
 
 
 def _rdnet_parts(model: RDNet) -> list[Part]:
@@ -211,8 +219,9 @@ def _fcdensenet_parts(model: FCDenseNet) -> list[Part]:
             for lname, layer in m.named_children():
                 items.append(Part(lname, f"dense layer (+{layer.growth_rate})", layer, 1, True))
         else:
-            kind = {"conv0": "3x3 conv", "classifier": "1x1 conv"}.get(name) or \
-                name.rstrip("0123456789").replace("_", " ")
+            # the first and last convolutions by their kernel (3x3x3 and 1x1x1 in 3D)
+            kind = f"{'x'.join(map(str, m.kernel_size))} conv" if isinstance(
+                m, nn.modules.conv._ConvNd) else name.rstrip("0123456789").replace("_", " ")
             items.append(Part(name, kind, m))
     return items
 
@@ -261,23 +270,47 @@ def _view(model: nn.Module, what: str) -> _View:
     return VIEWS[family.name]
 
 
-def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224),
+def spatial_dims(model: nn.Module) -> int:
+    """The model's spatial rank: 1 (signals), 2 (images) or 3 (volumes)."""
+    return int(getattr(model.config, "spatial_dims", 2))
+
+
+SIDES = {1: "L", 2: "H W", 3: "D H W"}  # each rank's spatial sides, for messages
+
+
+def batch_size_of(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``input_size`` as a batch (N, C, *sides) for ``model``: (C, *sides) gains N = 1, and
+    None is the model's native size (its ``pretrained_cfg``'s, one side per spatial
+    dimension). Raises ValueError in one line when the number of sides is not the rank's."""
+    if input_size is None:
+        input_size = tuple(model.pretrained_cfg["input_size"])
+    size = tuple(int(s) for s in input_size)
+    dims = spatial_dims(model)
+    if len(size) == dims + 1:
+        size = (1, *size)
+    if len(size) != dims + 2 or min(size) < 1:
+        raise ValueError(f"input_size must be (N, C, {SIDES[dims].replace(' ', ', ')}) or "
+                         f"(C, {SIDES[dims].replace(' ', ', ')}) with positive sizes for this "
+                         f"{dims}D model, got {tuple(input_size)}")
+    return size
+
+
+def summary(model: nn.Module, input_size: tuple[int, ...] | None = None,
             name: str | None = None) -> Summary:
     """Run one forward pass (eval mode, no grad) and tabulate every stem op, dense layer,
-    dense block, transition, pool and the classifier.
+    dense block, transition, pool and the classifier (an FC-DenseNet: its blocks and
+    transitions down and up, to the map of class scores).
 
-    ``input_size`` is (N, C, H, W) or (C, H, W). A dense layer's row shows the block's
-    concatenated feature map after that layer (k channels more than the row before).
-    The model's train/eval mode is restored afterwards; nothing in it changes. The summary
-    is titled ``name``, else the zoo entry the model was created from (``create_model``'s
-    name, or the one its loaded weights carry), else its class.
+    ``input_size`` is (N, C, *sides) or (C, *sides) with one side per spatial dimension (L;
+    H, W; D, H, W); None is the model's native size (its ``pretrained_cfg["input_size"]``,
+    such as 3x224x224, or 1x96x96x96 for a one-channel 3D DenseNet-121). A dense layer's row
+    shows the block's concatenated feature map after that layer (k channels more than the
+    row before). The model's train/eval mode is restored afterwards; nothing in it changes.
+    The summary is titled ``name``, else the zoo entry the model was created from
+    (``create_model``'s name, or the one its loaded weights carry), else its class.
     """
     parts = _view(model, "summary").parts(model)
-    size = tuple(int(s) for s in input_size)
-    if len(size) == 3:
-        size = (1, *size)
-    if len(size) != 4:
-        raise ValueError(f"input_size must be (N, C, H, W) or (C, H, W), got {input_size}")
+    size = batch_size_of(model, input_size)
     param = next(model.parameters())
     x = torch.zeros(size, device=param.device, dtype=param.dtype)
     model.check_input(x)

@@ -8,6 +8,7 @@ import json
 from rich.table import Table
 
 from ..analysis.summary import human, model_stats, paper_tables, summary
+from ..deploy.export import check_input_size, native_input_size
 from ..factory import list_models
 from .flags import JSON, add_model_source, model_of, verb
 from .output import console
@@ -19,12 +20,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verb(sub, "summary", cmd_summary, "per-layer shapes, parameters and MACs of a model",
              json=JSON)
     add_model_source(p, "zoo name, variant, weights file or run directory")
-    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                   help="input size (default: the model's native size)")
+    add_input_size(p, "default: the size its weights expect, else its native size")
     p.add_argument("--batch-size", type=int, default=1, help="batch dimension (default 1)")
 
     verb(sub, "paper", cmd_paper, "the paper's Tables 1 and 2 beside our computed numbers",
          json=JSON)
+
+
+def add_input_size(p: argparse.ArgumentParser, default: str) -> None:
+    """``--input-size C [L | H W | D H W]``: one side per spatial dimension of the model
+    (checked against it by :func:`input_size`)."""
+    p.add_argument("--input-size", nargs="+", type=int, metavar="N",
+                   help=f"channels and one side per spatial dimension: C L (1D), C H W (2D) "
+                        f"or C D H W (3D) ({default})")
+
+
+def input_size(args: argparse.Namespace, model) -> tuple[int, ...]:
+    """(C, *sides) for ``model``: ``--input-size`` if given (its number of sides checked
+    against the model's rank), else the size the model's weights expect."""
+    if args.input_size:
+        return check_input_size(model, args.input_size)
+    return native_input_size(model)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -50,19 +66,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    """One row per stem op, dense layer, dense block, transition, pool and classifier. MODEL
-    is a zoo name (densenet121, densenet-bc-100-k12, ...), a variant (densenet, densenet-b,
-    densenet-c, densenet-bc) with --depth, or a weights file or run directory (its stored
-    architecture)."""
+    """One row per stem op, dense layer, dense block, transition, pool and classifier (an
+    FC-DenseNet: its blocks and transitions down and up). MODEL is a zoo name (densenet121,
+    densenet-bc-100-k12, fcdensenet56, ...), a variant (densenet, densenet-b, densenet-c,
+    densenet-bc) with --depth, or a weights file or run directory (its stored architecture).
+    --spatial-dims 1 or 3 builds a zoo name for signals or volumes; --input-size then takes
+    C L or C D H W."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     name, model = model_of(args)
-    if args.input_size:
-        size = (args.batch_size, *args.input_size)
-    else:  # the size the weights were trained at, else the stem's native one
-        crop = (getattr(model, "weights_meta", None) or {}).get("preprocessing", {}).get("crop")
-        side = int(crop or (224 if getattr(model.config, "stem", "imagenet") == "imagenet"
-                            else 32))
-        size = (args.batch_size, model.config.in_channels, side, side)
-    s = summary(model, size, name=name)
+    s = summary(model, (args.batch_size, *input_size(args, model)), name=name)
     if args.json:
         print(s.to_json())
     else:

@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .flags import add_model_source, is_file_spec, model_from_args, verb
+from .flags import add_model_source, is_file_spec, model_from_args, model_of, verb
+from .inspect_cmds import add_input_size, input_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_source(p, "a zoo name, a variant with --depth, a weights file or a run directory")
     p.add_argument("-o", "--output", default="model.svg", help=".svg or .png (default model.svg)")
     p.add_argument("--block", type=int, default=1, help="which dense block to draw (default 1)")
-    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                   help="input size for the spatial sizes (default: the model's native size)")
+    add_input_size(p, "for the sizes shown; default: the size its weights expect, else its "
+                      "native size")
 
     p = verb(sub, "report", cmd_report, "one self-contained HTML page for a training run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by densenets train")
@@ -78,23 +79,16 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     """The network (stem, blocks, transitions, head with channels and spatial sizes) and one
     dense block wired as in the paper's Figure 1, drawn from the model itself."""
     from ..analysis.diagram import diagram
-    from ..weights.files import load
 
     out = _output_path(args.output, (".svg", ".png"))
-    input_size = tuple(args.input_size) if args.input_size else None
-    if is_file_spec(args.model):
-        model = load(args.model)
-        meta = model.weights_meta
-        name = meta.get("model_name") or args.model
-        crop = (meta.get("preprocessing") or {}).get("crop")
-        if input_size is None and crop:
-            input_size = (model.config.in_channels, crop, crop)
-    else:
-        name, model = model_from_args(args)
-    info = diagram(model, out, block=args.block, input_size=input_size,
-                   title=f"{name}: {model.config.block_config} layers per block, "
-                         f"k={model.config.growth_rate}, "
-                         f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    name, model = model_of(args)
+    cfg = model.config
+    # a model the diagram cannot draw (no chain of blocks) is refused by diagram() itself
+    title = f"{name}: {cfg.block_config} layers per block, k={cfg.growth_rate}, " \
+        f"{sum(p.numel() for p in model.parameters()):,} parameters" \
+        if hasattr(cfg, "block_config") else None
+    info = diagram(model, out, block=args.block, input_size=input_size(args, model),
+                   title=title)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -44,22 +44,54 @@ def export_metadata(model: nn.Module) -> dict[str, Any]:
             "class_names": meta["class_names"], "preprocessing": meta["preprocessing"]}
 
 
+def native_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, *sides) the model's weights expect, one side per spatial dimension: a volume
+    model's recorded volume size, an image model's centre crop, else the model's own native
+    size (its ``pretrained_cfg["input_size"]``: 96^3 for 3D ImageNet stems, 224 for 1D).
+
+    An image crop says nothing about a signal or a volume: the library's fallback
+    preprocessing records one for every model, so it counts for 2D models only.
+    """
+    pre = weights_meta(model)["preprocessing"]
+    dims = int(getattr(model.config, "spatial_dims", 2))
+    if dims == 3 and pre.get("volume_size"):
+        sides = tuple(pre["volume_size"])
+    elif dims == 2 and pre.get("crop"):
+        sides = (pre["crop"],) * 2
+    else:
+        sides = tuple(model.pretrained_cfg["input_size"])[1:]
+    return (int(model.config.in_channels), *(int(s) for s in sides))
+
+
+def check_input_size(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, ...]:
+    """``input_size`` as (C, *sides) ints, or ValueError in one line when its number of
+    spatial sides is not the model's rank (1: L; 2: H W; 3: D H W) or a size is not positive."""
+    size = tuple(int(s) for s in input_size)
+    dims = int(getattr(model.config, "spatial_dims", 2))
+    if len(size) != dims + 1 or min(size) < 1:
+        sides = {1: "L", 2: "H W", 3: "D H W"}[dims]
+        raise ValueError(f"the input size takes C and {dims} spatial side{'s' * (dims > 1)} "
+                         f"({'C ' + sides}) for this {dims}D model, got "
+                         f"{' '.join(map(str, input_size))}")
+    return size
+
+
 def example_input(model: nn.Module, batch_size: int = 1,
-                  input_size: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """A random batch at the size the weights' preprocessing produces (its centre crop, or a
-    volume model's recorded volume size)."""
-    if input_size is None:
-        pre = weights_meta(model)["preprocessing"]
-        crop = int(pre["crop"])
-        sides = pre.get("volume_size") or (crop, crop)
-        input_size = (model.config.in_channels, *(int(s) for s in sides))
-    return torch.randn(batch_size, *input_size)
+                  input_size: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A random batch at ``input_size`` (C, *sides), by default the size the weights'
+    preprocessing produces (:func:`native_input_size`)."""
+    size = native_input_size(model) if input_size is None else check_input_size(model,
+                                                                                input_size)
+    return torch.randn(batch_size, *size)
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
            dynamic_batch: bool = False, opset: int = 18,
-           input_size: tuple[int, int, int] | None = None) -> ExportResult:
-    """Write ``model`` (eval mode) to ``path`` in ``format``; see :data:`FORMATS`."""
+           input_size: tuple[int, ...] | None = None) -> ExportResult:
+    """Write ``model`` (eval mode) to ``path`` in ``format``; see :data:`FORMATS`.
+
+    The example input is ``input_size`` (C, *sides: L, H W or D H W by the model's rank),
+    by default the size its weights expect (:func:`native_input_size`)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     model = model.eval()
@@ -198,7 +230,7 @@ def _jit_load(path: str | os.PathLike, **kw: Any) -> Any:
 
 
 def verify(path: str | os.PathLike, format: str, model: nn.Module, batch_size: int = 2,
-           input_size: tuple[int, int, int] | None = None) -> tuple[float, float]:
+           input_size: tuple[int, ...] | None = None) -> tuple[float, float]:
     """(max |exported - PyTorch|, max |PyTorch|) on a random batch.
 
     The second number is the scale to judge the first by: an untrained ImageNet DenseNet in

@@ -7,7 +7,9 @@ gives them.
 family's ``features_only_info()``: a DenseNet's are the stem (after its max pool, as this
 library has always given it), each dense block's raw output (their BN-ReLU belongs to the next
 transition) and the map after the final BN-ReLU; an RDNet's are the ends of its stages.
-``out_indices`` follows timm: a sequence picks maps, an int n the last n.
+``out_indices`` follows timm: a sequence picks maps, an int n the last n. Every kind works in
+each spatial rank the model has (``spatial_dims=1`` or ``3``): the maps are (N, C, L) or
+(N, C, D, H, W), and a map's ``reduction`` holds on every side.
 
 timm's ``feature_cls`` (or ``feature_cfg={"feature_cls": ...}``) picks how the maps are taken
 and returned; every kind taps the same maps and keeps the model's state-dict keys:

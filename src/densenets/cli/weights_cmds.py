@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic-batch", action="store_true",
                    help="let the batch dimension vary (TorchScript traces always do)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                   help="example input size (default: the weights' centre crop)")
+    p.add_argument("--input-size", nargs="+", type=int, metavar="N",
+                   help="example input: C and one side per spatial dimension, C L, C H W or "
+                        "C D H W (default: the size the weights expect)")
     p.add_argument("--no-check", action="store_true", help="skip running the exported model")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |exported - PyTorch| in the check, relative to the "

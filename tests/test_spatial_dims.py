@@ -191,3 +191,37 @@ def test_wrong_rank_input_says_what_the_model_takes():
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="too small.*minimum is 29x29x29"):
         model(torch.randn(1, 1, 16, 16, 16))
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward after a training forward (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(x).sum()
+    return sum(seen.values()) - x.nbytes
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_stem_and_transitions_keep_only_their_inputs_in_training(norm):
+    """The memory-efficient model keeps no stem or transition maps for backward (they are
+    recomputed there): its saved bytes are a small share of the plain model's, and the stem's
+    own share is gone (the plain model keeps its convolution and BN-ReLU outputs)."""
+    plain, efficient = make_pair(3, norm, stem="imagenet", block_config=(3, 3))
+    x = torch.randn(2, 3, 24, 24, 24, dtype=torch.float64)
+    stem_maps = 2 * plain.features.conv0(x).nbytes  # conv output and BN-ReLU output
+    kept_plain, kept_efficient = _saved_bytes(plain, x), _saved_bytes(efficient, x)
+    assert kept_plain - kept_efficient > stem_maps
+    assert kept_efficient < 0.35 * kept_plain
+
+
+def test_a_hooked_stem_runs_plainly_so_its_hooks_fire():
+    _, efficient = make_pair(3, "batch", stem="imagenet", block_config=(2,))
+    seen = []
+    efficient.features.norm0.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    efficient.train()(torch.randn(2, 3, 12, 12, 12, dtype=torch.float64)).sum().backward()
+    assert seen == [(2, 6, 6, 6, 6)]

@@ -23,6 +23,11 @@ import os
 import warnings
 
 import torch
+
+# The custom operator's first call imports torch._dynamo (torch wraps every custom op's kernels
+# in its compile guard): import it with this module, i.e. when a memory-efficient model is built,
+# so that this code (some 70 MiB, once per process) is not charged to the first training step.
+import torch._dynamo  # noqa: F401
 from torch import nn
 
 from . import cpu_kernels, ops  # ops registers the densenets:: custom operators
@@ -230,7 +235,16 @@ def _warn_once(message: str) -> None:
         warnings.warn(f"densenets: {message}", stacklevel=3)
 
 
-@torch.compiler.assume_constant_result
+def _constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (some 70
+    MiB of code in every process that trains eagerly, charged to its first step): the marker
+    torch.compile reads is the attribute that function sets, as torch sets it on its own
+    functions. test_compile checks that compiled training still sees a constant here."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_for_compile
 def _kernels_for(device_type: str, dtype: torch.dtype, params_match: bool) -> str:
     """:func:`backend`, constant for torch.compile (it reads the environment and may build the
     C kernels: nothing to trace); the C kernels also need the parameters in the compute

@@ -141,6 +141,10 @@ class Taps:
                              f"{tuple(x.shape)}; add the batch dimension: x.unsqueeze(0){rank}")
         if x.dim() != dims + 2:
             raise ValueError(f"expected a {dims + 2}-D batch {layout}, got shape "
+                             f"{tuple(x.shape)} (this {noun} has spatial_dims={dims}; build it "
+                             f"with spatial_dims={x.dim() - 2} for such inputs)"
+                             if 3 <= x.dim() <= 5 else
+                             f"expected a {dims + 2}-D batch {layout}, got shape "
                              f"{tuple(x.shape)}{rank}")
         weight = next(self.parameters(), None)  # type: ignore[attr-defined]
         held = torch.float32 if weight is None else weight.dtype

@@ -97,6 +97,12 @@ def validate_config(c: DenseNetConfig) -> None:
     canonical_norm(c.norm)
 
 
+def prepare_efficient() -> None:
+    """Load the memory-efficient blocks' code now, with the model, rather than in the first
+    training step (whose memory it would otherwise seem to be)."""
+    from ..efficient import dispatch  # noqa: F401
+
+
 class DenseBlock(nn.ModuleDict):
     """L dense layers; layer l reads the concatenation of the block input and layers 1..l-1.
 
@@ -126,6 +132,8 @@ class DenseBlock(nn.ModuleDict):
         self.growth_rate = growth_rate
         self.out_channels = in_channels + num_layers * growth_rate
         self.memory_efficient = memory_efficient
+        if memory_efficient:
+            prepare_efficient()
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size,
                                drop_rate, spatial_dims, norm)
@@ -372,6 +380,8 @@ class DenseNet(TimmContract, nn.Module):
 
     def set_memory_efficient(self, enabled: bool = True) -> "DenseNet":
         """Switch every dense block between the plain and the memory-efficient forward."""
+        if enabled:
+            prepare_efficient()
         self.config.memory_efficient = enabled
         for m in self.modules():
             if isinstance(m, DenseBlock):
@@ -385,7 +395,17 @@ class DenseNet(TimmContract, nn.Module):
         if not torch.jit.is_scripting():  # noqa: SIM102
             if is_eager(x):
                 self.check_input(x)
+                if self.config.memory_efficient and self.training and torch.is_grad_enabled():
+                    return self._efficient_features(x)
         return self.features(x)
+
+    @torch.jit.unused
+    def _efficient_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: the stem and transitions recomputed in backward too (see
+        :mod:`densenets.efficient.stages`)."""
+        from ..efficient.stages import run_features
+
+        return run_features(self.features, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global pool, head dropout, then the classifier unless ``pre_logits``.

@@ -1,0 +1,216 @@
+"""The stem and the transitions in memory-efficient training: recomputed in backward.
+
+Between the dense blocks the plain model keeps, for backward, every map its BN-ReLU-conv-pool
+stages make: the stem's convolution and BN-ReLU outputs and the pool's indices (at the input's
+half resolution: in 3D the largest maps of the whole network), each transition's BN-ReLU output
+(the block's size again) and its convolution's output. Here a stage keeps only its input (a
+transition's is the block output, kept by the block anyway) and runs again in backward to get
+its gradients, as ``torch.utils.checkpoint`` would, with one difference that keeps the plain
+model's training exact: the norm's running statistics are updated in forward only (the
+recomputation normalises with batch statistics and leaves the running ones alone).
+
+A stage with dropout (its masks would be drawn again) or with hooks on its modules (they would
+not see the stage run) runs plainly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
+def _autocast_state(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
+    device = x.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _autocast(state: tuple[str, bool, torch.dtype]):
+    """Backward recomputes under forward's autocast (backward itself runs outside it)."""
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
+class _Recomputed(torch.autograd.Function):
+    """out = run(x, True) without a graph; backward builds it again with run(x, False)."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.run, ctx.autocast = run, _autocast_state(x)
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return run(x, True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        wants_x = ctx.needs_input_grad[1]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]
+        with torch.enable_grad(), _autocast(ctx.autocast):
+            xd = x.detach().requires_grad_(wants_x)
+            out = ctx.run(xd, False)
+            grads = iter(torch.autograd.grad(out, ([xd] if wants_x else []) + wanted, grad))
+        dx = next(grads) if wants_x else None
+        return (None, dx, *(next(grads) if need else None
+                            for need in ctx.needs_input_grad[2:]))
+
+
+def _normalise(norm: nn.Module, x: torch.Tensor, update: bool) -> torch.Tensor:
+    """The norm in training mode; without ``update`` its running statistics stay untouched
+    (the same batch statistics, so the same output)."""
+    if update:
+        return norm(x)
+    if isinstance(norm, _BATCH_NORMS):
+        return F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+    if isinstance(norm, _INSTANCE_NORMS):
+        return F.instance_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+    return norm(x)  # group norm keeps no running statistics
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in modules)
+
+
+def _recomputable_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, (*_BATCH_NORMS, *_INSTANCE_NORMS, nn.GroupNorm)) and norm.training
+
+
+def _stem(modules: dict[str, nn.Module]) -> Callable | None:
+    conv, norm, relu, pool = (modules.get(n) for n in _STEM)
+    if not (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and norm is not None
+            and _recomputable_norm(norm) and isinstance(relu, nn.ReLU)
+            and isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))):
+        return None
+
+    def run(x: torch.Tensor, update: bool) -> torch.Tensor:
+        return pool(F.relu(_normalise(norm, conv(x), update), inplace=True))
+
+    return run
+
+
+def _transition(t: nn.Module) -> Callable | None:
+    if hasattr(t, "drop") or not _recomputable_norm(t.norm):
+        return None
+
+    def run(x: torch.Tensor, update: bool) -> torch.Tensor:
+        return t.pool(t.conv(F.relu(_normalise(t.norm, x, update), inplace=True)))
+
+    return run
+
+
+_POOL_BACKWARD = {2: torch.ops.aten.max_pool2d_with_indices_backward.default,
+                  3: torch.ops.aten.max_pool3d_with_indices_backward.default}
+_POOL_FORWARD = {2: torch.ops.aten.max_pool2d_with_indices.default,
+                 3: torch.ops.aten.max_pool3d_with_indices.default}
+_conv_backward = torch.ops.aten.convolution_backward.default
+
+
+class _BatchNormStem(torch.autograd.Function):
+    """conv - batch norm - ReLU - max pool (the ImageNet stem, 2D and 3D) keeping only its
+    input, the pool's indices and the batch statistics; backward recomputes the convolution and
+    works in place, so it holds two maps of the stem's size where autograd would hold four (the
+    convolution output, the BN-ReLU output and their two gradients): in 3D the stem's backward
+    is the step's peak."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, conv, norm, pool):
+        with torch.no_grad():
+            z = conv(x)
+            var, mean = torch.var_mean(z, [d for d in range(z.dim()) if d != 1], correction=0)
+            y = F.relu(norm(z), inplace=True)  # the module: running statistics as the plain one
+            del z
+            r = x.dim() - 2
+            out, indices = _POOL_FORWARD[r](y, _tuple(pool.kernel_size, r),
+                                            _tuple(pool.stride, r), _tuple(pool.padding, r),
+                                            _tuple(pool.dilation, r), pool.ceil_mode)
+        ctx.conv, ctx.pool, ctx.eps = conv, pool, norm.eps
+        ctx.save_for_backward(x, weight, gamma, beta, indices, mean,
+                              torch.rsqrt(var + norm.eps))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, gamma, beta, indices, mean, invstd = ctx.saved_tensors
+        conv, pool, r = ctx.conv, ctx.pool, x.dim() - 2
+        shape = (1, -1) + (1,) * r
+        with torch.no_grad():
+            xhat = conv(x).sub_(mean.view(shape)).mul_(invstd.view(shape))  # normalised, in place
+            g = _POOL_BACKWARD[r](grad_out, xhat, _tuple(pool.kernel_size, r),
+                                  _tuple(pool.stride, r), _tuple(pool.padding, r),
+                                  _tuple(pool.dilation, r), pool.ceil_mode, indices)
+            for n in range(x.shape[0]):  # ReLU's mask, a sample at a time (a smaller temporary)
+                g[n].masked_fill_(torch.addcmul(beta.view(shape[1:]), xhat[n],
+                                                gamma.view(shape[1:])) <= 0, 0)
+            dims = [d for d in range(g.dim()) if d != 1]
+            dbeta = g.sum(dims)
+            inner = list(range(1, g.dim() - 1))  # a sample's spatial axes
+            dgamma = torch.stack([(g[n] * xhat[n]).sum(inner) for n in range(x.shape[0])]).sum(0)
+            count = g.numel() // g.shape[1]
+            # dL/dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), into g
+            g.sub_((dbeta / count).view(shape))
+            g.addcmul_(xhat, (-dgamma / count).view(shape))
+            g.mul_((gamma * invstd).view(shape))
+            del xhat
+            dx, dw, _ = _conv_backward(g, x, weight, None, _tuple(conv.stride, r),
+                                       _tuple(conv.padding, r), _tuple(conv.dilation, r), False,
+                                       [0] * r, conv.groups,
+                                       [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return dx, dw, dgamma, dbeta, None, None, None
+
+
+def _tuple(v, r: int) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v] * r
+
+
+def _bn_stem(named: dict[str, nn.Module]) -> tuple[nn.Module, ...] | None:
+    """(conv, norm, pool) when the stem is the plain ImageNet one with an affine batch norm of
+    rank 2 or 3 (the in-place backward's case), else None."""
+    conv, norm, pool = named["conv0"], named["norm0"], named["pool0"]
+    if torch.is_autocast_enabled(conv.weight.device.type):  # its in-place arithmetic is fp32's
+        return None
+    if not (isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm3d)) and norm.affine
+            and isinstance(pool, (nn.MaxPool2d, nn.MaxPool3d)) and conv.bias is None
+            and conv.padding_mode == "zeros"):
+        return None
+    return conv, norm, pool
+
+
+def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [p for m in modules for p in m.parameters()]
+
+
+def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``features(x)`` in training mode, with the stem and the transitions recomputed in
+    backward where they allow it (see the module docstring)."""
+    from ..models.layers import Transition
+
+    children = list(features.named_children())
+    named = dict(children)
+    stem = _stem(named) if [n for n, _ in children[:4]] == list(_STEM) else None
+    stem_modules = [named[n] for n in _STEM if n in named]
+    i = 0
+    while i < len(children):
+        name, module = children[i]
+        if name == "conv0" and stem is not None and not _hooked([features, *stem_modules]):
+            bn_stem = _bn_stem(named)
+            if bn_stem is not None:
+                conv, norm, pool = bn_stem
+                x = _BatchNormStem.apply(x, conv.weight, norm.weight, norm.bias, *bn_stem)
+            else:
+                x = _Recomputed.apply(stem, x, *_params(stem_modules))
+            i += len(_STEM)
+            continue
+        run = _transition(module) if isinstance(module, Transition) else None
+        if run is not None and not _hooked([module, *module.children()]):
+            x = _Recomputed.apply(run, x, *_params([module]))
+        else:
+            x = module(x)
+        i += 1
+    return x

@@ -268,3 +268,13 @@ def test_digit_scenes_demo_reaches_its_mean_iou(tmp_path):
     assert code == 0, err
     rows = _rows(out)
     assert float(rows[-1]["test_miou"]) > 30.0, rows  # measured 41.0%; chance: about 9%
+
+
+def test_the_run_report_quotes_mean_iou(run):
+    """A segmentation run's report compares mean IoU (not a top-1 error) and says why it has
+    no architecture drawing."""
+    from densenets.analysis.report import build_report
+
+    page = build_report(run[0])
+    assert "this run: mean IoU (%)" in page and "top-1 test error" not in page
+    assert "No diagram:" in page

@@ -206,3 +206,11 @@ def test_the_3d_demo_reaches_its_stated_accuracy(tmp_path):
     line = stdout.split("test:")[1].splitlines()[0]
     accuracy = float(line.split("(accuracy ")[1].split("%")[0])
     assert accuracy >= 90.0, line
+
+
+def test_the_run_report_of_a_volume_run(run):
+    """The HTML report sizes its summary by the run's volumes, not an image crop."""
+    from densenets.analysis.report import build_report
+
+    page = build_report(run[0])
+    assert "per 6×6×6 volume" in page and "output (C×D×H×W)" in page

@@ -168,12 +168,33 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+# FC-DenseNet103's CamVid test mean IoU in the Tiramisu paper (its Table 1), in %.
+TIRAMISU_CAMVID_MIOU = 66.9
+
+
+def _our_miou(rows: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """A segmentation run's last test (else validation) mean IoU (%), and where it came from."""
+    for key in ("test_miou", "val_miou"):
+        for row in reversed(rows):
+            if isinstance(row.get(key), int | float):
+                return float(row[key]), f"metrics.csv {key}, epoch {row.get('epoch')}"
+    return None, "no mean IoU recorded"
+
+
 def _metrics_section(summary_json: Mapping, rows: list[dict[str, Any]], model_name: str | None,
                      recipe: str | None) -> str:
-    ours, ours_from = _our_error(summary_json, rows, recipe)
-    ref, ref_from = paper_figure(model_name, recipe)
-    lines = [["this run: top-1 test error (%)", ours, ours_from],
-             ["the paper: top-1 test error (%)", ref, ref_from]]
+    if any("test_miou" in r or "val_miou" in r for r in rows):
+        ours, ours_from = _our_miou(rows)
+        camvid = (recipe or "").startswith("camvid") and model_name == "fcdensenet103"
+        ref, ref_from = ((TIRAMISU_CAMVID_MIOU, "FC-DenseNet103 on CamVid's test set") if camvid
+                         else (None, "the paper reports no figure for this recipe"))
+        lines = [["this run: mean IoU (%)", ours, ours_from],
+                 ["the paper: mean IoU (%)", ref, ref_from]]
+    else:
+        ours, ours_from = _our_error(summary_json, rows, recipe)
+        ref, ref_from = paper_figure(model_name, recipe)
+        lines = [["this run: top-1 test error (%)", ours, ours_from],
+                 ["the paper: top-1 test error (%)", ref, ref_from]]
     if ours is not None and ref is not None:
         lines.append(["difference (points)", ours - ref, "this run minus the paper"])
     body = _table(["", "value", "source"], lines, "compare")
@@ -186,25 +207,42 @@ def _metrics_section(summary_json: Mapping, rows: list[dict[str, Any]], model_na
     return body
 
 
-def _summary_section(model: DenseNet, input_size: tuple[int, int, int], name: str) -> str:
+def _summary_section(model: DenseNet, input_size: tuple[int, ...], name: str) -> str:
     s = summary(model, (1, *input_size), name=name)
     rows = [["\u2003" * r.depth + r.name, r.kind, "×".join(map(str, r.output_shape[1:])),
              f"{r.params:,}", human(r.macs), "" if r.connections is None else r.connections]
             for r in s.rows]
+    sides = input_size[1:]
+    what = {1: "signal", 2: "image", 3: "volume"}[len(sides)]
     note = (f"<p>{s.total_params:,} parameters, {human(s.total_macs)} multiply-adds per "
-            f"{input_size[1]}×{input_size[2]} image (conv and linear layers; ×2 for FLOPs).</p>")
-    header = ["layer", "kind", "output (C×H×W)", "params", "MACs", "connections"]
+            f"{'×'.join(map(str, sides))} {what} (conv and linear layers; ×2 for FLOPs).</p>")
+    axes = {1: "C×L", 2: "C×H×W", 3: "C×D×H×W"}[len(sides)]
+    header = ["layer", "kind", f"output ({axes})", "params", "MACs", "connections"]
     top = [row for row, r in zip(rows, s.rows, strict=True) if r.depth == 0]
     return (note + _table(header, top, "summary") +
             f"<details><summary>every dense layer ({len(rows)} rows)</summary>"
             f"{_table(header, rows, 'summary')}</details>")
 
 
+def _reuse_section(model) -> str:
+    from . import reuse
+
+    try:
+        blocks = reuse.feature_reuse(model)
+    except ValueError as e:  # a family whose weights are not laid out as DenseNet's
+        return f"<p>No feature-reuse map: {html.escape(str(e))}</p>"
+    heat = _png(reuse.plot(blocks))
+    scores = _table(["dense block", "layers", "structure (mean z², about 1 = chance)"],
+                    [[b.block, b.num_layers, b.structure] for b in blocks], "structure")
+    return _img(heat, "feature reuse heatmap") + _REUSE_NOTE + scores
+
+
 def build_report(run_dir: str | Path) -> str:
     """The HTML page for the run in ``run_dir`` (config.json, metrics.csv, best.pt or last.pt,
     optionally curves.png and summary.json)."""
     from ..weights.files import load
-    from . import diagram, reuse
+    from ..weights.pretrained import native_input_size
+    from . import diagram
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -221,9 +259,7 @@ def build_report(run_dir: str | Path) -> str:
     meta = model.weights_meta
     model_name = meta.get("model_name") or config.get("model")
     recipe = meta.get("recipe") or config.get("recipe")
-    crop = (meta.get("preprocessing") or {}).get("crop")
-    input_size = (model.config.in_channels, crop, crop) if crop else \
-        diagram.default_input_size(model)
+    input_size = native_input_size(model)
 
     parts = []
     cfg_rows = [[k, v] for k, v in _kv_table(config)] or [["(no config.json)", None]]
@@ -237,16 +273,14 @@ def build_report(run_dir: str | Path) -> str:
                           _metrics_section(summary_json, rows, model_name, recipe)))
     parts.append(_section("summary", "Model summary",
                           _summary_section(model, input_size, str(model_name or "DenseNet"))))
-    fig, info = diagram.draw(model, 1, input_size)
-    parts.append(_section("architecture", "Architecture",
-                          _img(_png(fig), "network diagram") +
-                          f"<p>Dense block 1: {info['connections']} connections.</p>"))
-    blocks = reuse.feature_reuse(model)
-    heat = _png(reuse.plot(blocks))
-    scores = _table(["dense block", "layers", "structure (mean z², about 1 = chance)"],
-                    [[b.block, b.num_layers, b.structure] for b in blocks], "structure")
-    parts.append(_section("reuse", "Feature reuse (the paper's Figure 5)",
-                          _img(heat, "feature reuse heatmap") + _REUSE_NOTE + scores))
+    try:
+        fig, info = diagram.draw(model, 1, input_size)
+        drawing = (_img(_png(fig), "network diagram") +
+                   f"<p>Dense block 1: {info['connections']} connections.</p>")
+    except ValueError as e:  # a family the drawing does not cover
+        drawing = f"<p>No diagram: {html.escape(str(e))}</p>"
+    parts.append(_section("architecture", "Architecture", drawing))
+    parts.append(_section("reuse", "Feature reuse (the paper's Figure 5)", _reuse_section(model)))
     epoch_rows = [list(r.values()) for r in rows]
     parts.append(_section("epochs", "Every epoch",
                           _table(list(rows[0]), epoch_rows, "epochs") if rows else

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weights.pretrained import native_input_size
 from .predict import weights_meta
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -42,25 +43,6 @@ def export_metadata(model: nn.Module) -> dict[str, Any]:
     meta = weights_meta(model)
     return {"model_name": meta.get("model_name"), "model_config": model.config.to_dict(),
             "class_names": meta["class_names"], "preprocessing": meta["preprocessing"]}
-
-
-def native_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, *sides) the model's weights expect, one side per spatial dimension: a volume
-    model's recorded volume size, an image model's centre crop, else the model's own native
-    size (its ``pretrained_cfg["input_size"]``: 96^3 for 3D ImageNet stems, 224 for 1D).
-
-    An image crop says nothing about a signal or a volume: the library's fallback
-    preprocessing records one for every model, so it counts for 2D models only.
-    """
-    pre = weights_meta(model)["preprocessing"]
-    dims = int(getattr(model.config, "spatial_dims", 2))
-    if dims == 3 and pre.get("volume_size"):
-        sides = tuple(pre["volume_size"])
-    elif dims == 2 and pre.get("crop"):
-        sides = (pre["crop"],) * 2
-    else:
-        sides = tuple(model.pretrained_cfg["input_size"])[1:]
-    return (int(model.config.in_channels), *(int(s) for s in sides))
 
 
 def check_input_size(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, ...]:

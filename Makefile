@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # inside pyproject's ranges works.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint install dev bench gpu-preflight clean
+.PHONY: demo test test-fast lint install dev bench gpu-preflight gpu-wheels clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,8 +60,21 @@ $(GPU_VENV)/.installed: pyproject.toml
 	$(GPU_VENV)/bin/pip install -q -e . $(GPU_PIN)
 	touch $@
 
-gpu-preflight: $(GPU_VENV)/.installed
+# MONAI for the GPU script's 3D rows: the GPU image has none and cannot download, so its wheel
+# (pure Python, needing only torch and numpy, both there) travels in .whl/ when the device call
+# carries ".whl"; this clone's git exclude file ignores it. The version the tests here ran with.
+MONAI_VERSION ?= 1.6.1
+MONAI_WHEEL := .whl/monai-$(MONAI_VERSION)-py3-none-any.whl
+$(MONAI_WHEEL):
+	@exclude="$$(git rev-parse --git-path info/exclude)"; mkdir -p "$$(dirname "$$exclude")"; \
+		grep -qxF '/.whl/' "$$exclude" 2>/dev/null || echo '/.whl/' >> "$$exclude"
+	rm -f .whl/monai-*.whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl monai==$(MONAI_VERSION)
+
+gpu-wheels: $(MONAI_WHEEL)
+
+gpu-preflight: $(GPU_VENV)/.installed $(MONAI_WHEEL)
 	$(GPU_VENV)/bin/python benchmarks/preflight.py
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(GPU_VENV) .whl build dist src/*.egg-info

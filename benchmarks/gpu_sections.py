@@ -138,7 +138,8 @@ def compile_check(dev, compile_backend: str) -> dict:
 
 
 def parity(dev, compile_backend: str) -> Iterator[tuple[str, dict]]:
-    """(name, errors with "ok") of each check through the Triton kernels, one at a time."""
+    """(name, errors with "ok") of each check through the Triton kernels, one at a time; a
+    check that raises fails with its "error"."""
     checks: list[tuple[str, Callable[[], dict]]] = [
         (f"fp32 vs float64, {'bottleneck' if b else 'no bottleneck'}, {'CL' if cl else 'NCHW'}, "
          f"drop={drop}", lambda b=b, cl=cl, drop=drop: train_errors(dev, b, cl, drop))
@@ -154,6 +155,9 @@ def parity(dev, compile_backend: str) -> Iterator[tuple[str, dict]]:
         try:
             with kernels_env("triton"):
                 result = check()
+        except Exception as e:  # a failed check, not a lost call: the others still run
+            why = " ".join(str(e).split())[:300]  # one line, the start saying what went wrong
+            result = {"ok": False, "error": f"{type(e).__name__}: {why}"}
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
         yield name, result
@@ -161,7 +165,8 @@ def parity(dev, compile_backend: str) -> Iterator[tuple[str, dict]]:
 
 # --- comparisons: ours against torchvision ---------------------------------------------------
 def targets(dry: bool) -> list[dict]:
-    """The target configurations in order of importance (a tiny stand-in for each in a dry run).
+    """The target configurations in order of importance (a tiny stand-in for each in a dry run);
+    ``key`` names each for --only.
     ``prior_s`` is the seconds a section is expected to take on an H100-class card (a tenth of
     it in a dry run), scaled by the script with what the sections before it took."""
     amp = dict(amp=True, channels_last=True)
@@ -180,22 +185,25 @@ def targets(dry: bool) -> list[dict]:
             "torchvision memory_efficient": (tv_me, None)}
     graphs = dict(cuda_graphs=True, warmup=3)
     return [
-        {"name": "DenseNet-121 eager", "base": big, "prior_s": 150, "sides": four,
+        {"key": "dn121", "name": "DenseNet-121 eager", "base": big, "prior_s": 150,
+         "sides": four,
          "speed_vs": "torchvision plain", "memory_vs": "torchvision memory_efficient",
          "speed_target": 1.25, "peak_target": 0.8},
-        {"name": "DenseNet-121 torch.compile", "base": big, "prior_s": 180,
+        {"key": "dn121-compile", "name": "DenseNet-121 torch.compile", "base": big,
+         "prior_s": 180,
          "sides": {TRITON: (dict(ours, compile=True), "triton"),
                    "torchvision plain": (dict(tv, compile=True), None)},
          "speed_vs": "torchvision plain", "memory_vs": None, "speed_target": 1.0},
-        {"name": "DenseNet-BC-250 k=24 eager", "base": cifar, "prior_s": 100, "sides": four,
+        {"key": "bc250", "name": "DenseNet-BC-250 k=24 eager", "base": cifar, "prior_s": 100,
+         "sides": four,
          "speed_vs": "torchvision plain", "memory_vs": "torchvision memory_efficient",
          "speed_target": 1.0, "peak_target": 0.8},
-        {"name": "DenseNet-BC-100 k=12 CUDA graphs", "base": small, "prior_s": 60,
+        {"key": "bc100-graphs", "name": "DenseNet-BC-100 k=12 CUDA graphs",
+         "base": small, "prior_s": 60,
          "cuda_only": True, "sides": {TRITON: (dict(ours, **graphs), "triton"),
                                       "torchvision plain": (dict(tv, **graphs), None)},
          "speed_vs": "torchvision plain", "memory_vs": None, "speed_target": 1.0},
-        # The 3D rows (a DenseNet-121 3D on volumes, against MONAI's) and the segmentation rows
-        # (an FC-DenseNet) go here, in that order, once those families are in the zoo.
+        # The 3D rows (against MONAI) and the segmentation rows come last: gpu_volumes.rows.
     ]
 
 

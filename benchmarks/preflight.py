@@ -15,10 +15,11 @@ It prints one line per check (PASS/FAIL) and exits 1 if any failed:
    launcher gives it and compiled for Hopper by Triton's own code generator and bundled ptxas,
    no GPU needed; the GEMMs also with the tiles DenseNet-121's first block at batch 256 gets;
 3. the Triton and torch.compile tests under TRITON_INTERPRET=1;
-4. the GPU script's ``--dry-run`` (every section on tiny shapes, under the interpreter), then
-   cut by its budget (``--budget-s 1``: parity only) and stopped by SIGTERM after its first
-   parity check: each must leave whole json and markdown with what it measured and the CUDA
-   default line.
+4. the GPU script's ``--dry-run`` (every section on tiny shapes, under the interpreter; the 3D
+   and segmentation rows with every side measured, MONAI's from the wheel in ``.whl/`` that
+   ``make gpu-wheels`` fetches, as on the GPU machine, which has no MONAI), then cut by its
+   budget (``--budget-s 1``: parity only) and stopped by SIGTERM after its first parity check:
+   each must leave whole json and markdown with what it measured and the CUDA default line.
 """
 
 from __future__ import annotations
@@ -240,6 +241,23 @@ def _written(out: Path, stdout: str) -> tuple[dict, list[str]]:
     return results, wrong
 
 
+def _volume_rows(results: dict, wrong: list[str]) -> str:
+    """The 3D and segmentation rows of a dry run: every side of each measured (MONAI's from
+    its wheel); what is not goes into ``wrong``. Returns the detail for the report."""
+    rows = [c for c in results.get("comparisons", []) if "unit" in c]
+    if len(rows) != 4:
+        wrong.append(f"{len(rows)} of the 4 3D and segmentation rows ran")
+    for row in rows:
+        sides = row.get("results", {})
+        bad = {side: r.get("skipped") or r.get("error") for side, r in sides.items()
+               if "images_per_s" not in r}
+        if bad or not sides:
+            wrong.append(f"{row['name']}: {bad or row.get('error') or 'not measured'}")
+    monai = results.get("monai", {})
+    return (f"{len(rows)} of them 3D and segmentation rows, MONAI {monai.get('version')} from "
+            f"{monai.get('source')}" if "version" in monai else "")
+
+
 def check_gpu_script() -> None:
     """The GPU script's dry run whole, cut by its budget, and stopped by SIGTERM mid-parity: each
     leaves whole json and markdown with what it measured and the CUDA default line."""
@@ -261,9 +279,11 @@ def check_gpu_script() -> None:
         measured, skipped = (cut, done) if extra else (done, cut)  # 3 run on a CPU
         if len(measured) < 3 or skipped:
             wrong.append(f"measured {done}, cut by the budget {cut}")
+        rows = [] if extra else _volume_rows(results, wrong)
         report(not wrong, name, "; ".join(wrong) or
-               f"{len(results['parity'])} parity checks, {len(done)} comparisons measured, "
-               f"{len(cut)} cut by the budget, default line written")
+               f"{len(results['parity'])} parity checks, {len(done)} comparisons measured"
+               + (f" ({rows})" if rows else "") + f", {len(cut)} cut by the budget, default "
+               "line written")
     out = tmp / "stopped"
     proc = subprocess.Popen(dry + [str(out)], cwd=ROOT, env=_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
@@ -294,8 +314,13 @@ def main() -> int:
         print(json.dumps(compile_for_hopper(json.loads(Path(args.compile).read_text()))))
         return 0
     check_versions()
-    launches, kernels = capture_launches()
-    check_compile(launches, kernels)
+    try:
+        launches, kernels = capture_launches()
+    except Exception as e:  # a step that fails here fails on the GPU too: report, go on
+        report(False, "sm_90 compile", f"a training step through the Triton kernels failed: "
+                                       f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    else:
+        check_compile(launches, kernels)
     if not args.skip_tests:
         run_step("interpreter tests", [sys.executable, "-m", "pytest", "-q", "-p",
                                        "no:cacheprovider", "tests/test_triton_kernels.py",

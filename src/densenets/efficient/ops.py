@@ -116,7 +116,9 @@ def _backward(ctx, grads):
     result, params, rest = saved[0], saved[1:1 + ctx.n_params], saved[1 + ctx.n_params:]
     grad_out = grads[0] if grads[0] is not None else torch.zeros_like(result)
     out = dense_block_backward(grad_out, result, list(params), list(rest), *ctx.args)
-    return (out[0], list(out[1:]), *([None] * len(ctx.args)))
+    # one None per argument after x and params, as many as autograd counts (older torch leaves
+    # out the trailing arguments given at their defaults, such as ``instance``)
+    return (out[0], list(out[1:]), *([None] * (len(ctx.needs_input_grad) - 2)))
 
 
 dense_block.register_autograd(_backward, setup_context=_setup_context)

@@ -182,6 +182,13 @@ def _bn_stem(named: dict[str, nn.Module]) -> tuple[nn.Module, ...] | None:
     return conv, norm, pool
 
 
+def _is_transition(m: nn.Module) -> bool:
+    """A DenseNet transition (norm, relu, conv, [drop,] pool), known by its parts: this package
+    sits below the models and does not import them."""
+    return isinstance(m, nn.Sequential) and [n for n in m._modules if n != "drop"] == [
+        "norm", "relu", "conv", "pool"]
+
+
 def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
     return [p for m in modules for p in m.parameters()]
 
@@ -189,8 +196,6 @@ def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
 def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``features(x)`` in training mode, with the stem and the transitions recomputed in
     backward where they allow it (see the module docstring)."""
-    from ..models.layers import Transition
-
     children = list(features.named_children())
     named = dict(children)
     stem = _stem(named) if [n for n, _ in children[:4]] == list(_STEM) else None
@@ -207,7 +212,7 @@ def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
                 x = _Recomputed.apply(stem, x, *_params(stem_modules))
             i += len(_STEM)
             continue
-        run = _transition(module) if isinstance(module, Transition) else None
+        run = _transition(module) if _is_transition(module) else None
         if run is not None and not _hooked([module, *module.children()]):
             x = _Recomputed.apply(run, x, *_params([module]))
         else:

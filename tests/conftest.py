@@ -49,3 +49,16 @@ def one_thread_module() -> Iterator[None]:
     """
     with _single_thread():
         yield
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Run a test with the memory-efficient blocks' fused C kernels, and again with their
+    PyTorch operations."""
+    from densenets.efficient import dispatch
+
+    if request.param == "torch":
+        monkeypatch.setattr(dispatch.cpu_kernels, "usable", lambda t: False)
+    elif dispatch.backend() != "native":
+        pytest.skip("no C compiler: the fused CPU kernels cannot be built here")
+    return request.param

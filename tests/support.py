@@ -270,3 +270,20 @@ def wait_for(path: Path, job: subprocess.Popen, timeout: float = 90) -> None:
             code, out, err = finish(job, 5)
             pytest.fail(f"{path.name} never appeared (exit {code})\n{out}\n{err}")
         time.sleep(0.05)
+
+
+def saved_bytes(model, x):
+    """Bytes of activations autograd keeps for backward after ``model(x)`` (parameters
+    excluded), each storage once."""
+    params = {p.data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.requires_grad_(True))
+    return sum(storages.values())

@@ -28,16 +28,6 @@ CONFIGS = {
 SIZES = {"cifar": 9, "imagenet": 37}  # odd sizes: pooling floors, blocks at 9/4/2 and 10/5/2
 
 
-@pytest.fixture(params=["native", "torch"])
-def backend(request, monkeypatch):
-    """Run a test with the fused C kernels and again with the PyTorch operations."""
-    if request.param == "torch":
-        monkeypatch.setattr(eff.cpu_kernels, "usable", lambda t: False)
-    elif eff.backend() != "native":
-        pytest.skip("no C compiler: the fused CPU kernels cannot be built here")
-    return request.param
-
-
 def make_pair(seed: int = 0, **cfg) -> tuple[DenseNet, DenseNet]:
     """A plain float64 DenseNet with random BN affines and running stats, and its efficient
     twin with the same state."""

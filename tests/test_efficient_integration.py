@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from support import saved_bytes
 from torch import nn
 
 from densenets import DenseNet
@@ -22,22 +23,6 @@ def small(**kw) -> DenseNet:
                stem="cifar")
     cfg.update(kw)
     return DenseNet(**cfg)
-
-
-def saved_bytes(block: DenseBlock, x: torch.Tensor) -> int:
-    """Bytes of activations autograd keeps for backward (parameters excluded), by storage."""
-    params = {p.data_ptr() for p in block.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x.requires_grad_(True))
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])

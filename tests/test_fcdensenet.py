@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support import rel, run_cli
+from support import rel, run_cli, saved_bytes
 from torch import nn
 
 import densenets
@@ -168,22 +168,6 @@ def test_memory_efficient_with_a_one_pixel_bottleneck():
     (ya, ga, _), = train(plain, x, target, steps=1)
     (yb, gb, _), = train(efficient, x, target, steps=1)
     assert rel(ya, yb) < TOL and rel(ga, gb) < TOL
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of activations autograd keeps for backward (parameters excluded), by storage."""
-    params = {p.data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x.requires_grad_(True))
-    return sum(storages.values())
 
 
 def test_saved_memory_is_linear_in_depth():

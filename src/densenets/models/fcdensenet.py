@@ -29,7 +29,14 @@ from torch import nn
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from .contract import Taps, is_eager
 from .densenet import DenseBlock
-from .layers import canonical_norm, check_spatial_dims, conv_nd, max_pool_nd, norm_layer
+from .layers import (
+    canonical_norm,
+    check_spatial_dims,
+    conv_nd,
+    conv_transpose_nd,
+    max_pool_nd,
+    norm_layer,
+)
 
 # The paper's three configurations (Table 2 and Section 4): layers per dense block down, in the
 # bottleneck and up, and the growth rate.
@@ -45,7 +52,6 @@ FCDENSENET: dict[str, dict[str, Any]] = {
 PAPER_PARAMS_M = {"fcdensenet56": 1.5, "fcdensenet67": 3.5, "fcdensenet103": 9.4}
 
 # The transposed convolution of each rank; layers.py picks every other layer class by rank.
-_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 @dataclass
@@ -170,7 +176,7 @@ class TransitionUp(nn.Module):
 
     def __init__(self, channels: int, spatial_dims: int) -> None:
         super().__init__()
-        self.conv = _CONV_TRANSPOSE[spatial_dims](channels, channels, kernel_size=3, stride=2)
+        self.conv = conv_transpose_nd(spatial_dims)(channels, channels, kernel_size=3, stride=2)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.conv(x)

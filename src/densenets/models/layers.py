@@ -20,6 +20,7 @@ SPATIAL_DIMS = (1, 2, 3)
 
 # The layers of each rank, by what they do; the only place a rank picks a class.
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _ADAPTIVE_AVG = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
@@ -39,6 +40,11 @@ def check_spatial_dims(spatial_dims: Any) -> int:
 def conv_nd(spatial_dims: int) -> type[nn.Module]:
     """nn.Conv1d, nn.Conv2d or nn.Conv3d."""
     return _CONV[spatial_dims]
+
+
+def conv_transpose_nd(spatial_dims: int) -> type[nn.Module]:
+    """nn.ConvTranspose1d, 2d or 3d (FC-DenseNet's transition up)."""
+    return _CONV_TRANSPOSE[spatial_dims]
 
 
 def max_pool_nd(spatial_dims: int) -> type[nn.Module]:

@@ -9,8 +9,9 @@ its gradients, as ``torch.utils.checkpoint`` would, with one difference that kee
 model's training exact: the norm's running statistics are updated in forward only (the
 recomputation normalises with batch statistics and leaves the running ones alone).
 
-A stage with dropout (its masks would be drawn again) or with hooks on its modules (they would
-not see the stage run) runs plainly.
+A stage with dropout draws its masks in forward as the plain model does; backward replays the
+random generator's state from then, so the recomputation drops the same units. A stage with hooks
+on its modules (they would not see the stage run) runs plainly.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Callable, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.run, ctx.autocast = run, _autocast_state(x)
+        ctx.rng = _rng_state(x.device)  # the draws forward is about to make, for backward
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return run(x, True)
@@ -52,13 +54,30 @@ class _Recomputed(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         wants_x = ctx.needs_input_grad[1]
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]
-        with torch.enable_grad(), _autocast(ctx.autocast):
+        with torch.random.fork_rng(_rng_devices(x.device)), torch.enable_grad(), \
+                _autocast(ctx.autocast):
+            _set_rng_state(x.device, ctx.rng)
             xd = x.detach().requires_grad_(wants_x)
             out = ctx.run(xd, False)
             grads = iter(torch.autograd.grad(out, ([xd] if wants_x else []) + wanted, grad))
         dx = next(grads) if wants_x else None
         return (None, dx, *(next(grads) if need else None
                             for need in ctx.needs_input_grad[2:]))
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                   else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _normalise(norm: nn.Module, x: torch.Tensor, update: bool) -> torch.Tensor:
@@ -96,7 +115,7 @@ def _stem(modules: dict[str, nn.Module]) -> Callable | None:
 
 
 def _transition(t: nn.Module) -> Callable | None:
-    if hasattr(t, "drop") or not _recomputable_norm(t.norm):
+    if not _recomputable_norm(t.norm):
         return None
 
     pool, conv = t.pool, t.conv
@@ -105,11 +124,16 @@ def _transition(t: nn.Module) -> Callable | None:
     commute = (isinstance(pool, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
                and _tuple(pool.kernel_size, 1) == _tuple(pool.stride, 1) and not any(
                    _tuple(pool.padding, 1)) and not pool.ceil_mode and conv.bias is None
-               and set(conv.kernel_size) == {1} and set(conv.stride) == {1})
+               and set(conv.kernel_size) == {1} and set(conv.stride) == {1}
+               and not hasattr(t, "drop"))  # dropout sits between them
+    drop = getattr(t, "drop", None)
 
     def run(x: torch.Tensor, update: bool) -> torch.Tensor:
         y = F.relu(_normalise(t.norm, x, update), inplace=True)
-        return conv(_average(pool, y)) if commute else pool(conv(y))
+        if commute:
+            return conv(_average(pool, y))
+        y = conv(y)
+        return pool(drop(y) if drop is not None else y)
 
     return run
 
@@ -226,6 +250,15 @@ def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
     return [p for m in modules for p in m.parameters()]
 
 
+def transition(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a transition (norm, relu, conv, [drop,] pool) in training, recomputed
+    in backward where it allows it."""
+    run = _transition(module) if _is_transition(module) else None
+    if run is None or _hooked([module, *module.children()]):
+        return module(x)
+    return _Recomputed.apply(run, x, *_params([module]))
+
+
 def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``features(x)`` in training mode, with the stem and the transitions recomputed in
     backward where they allow it (see the module docstring)."""
@@ -245,10 +278,6 @@ def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
                 x = _Recomputed.apply(stem, x, *_params(stem_modules))
             i += len(_STEM)
             continue
-        run = _transition(module) if _is_transition(module) else None
-        if run is not None and not _hooked([module, *module.children()]):
-            x = _Recomputed.apply(run, x, *_params([module]))
-        else:
-            x = module(x)
+        x = transition(module, x) if _is_transition(module) else module(x)
         i += 1
     return x

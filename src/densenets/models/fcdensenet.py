@@ -339,6 +339,20 @@ class FCDenseNet(nn.Module):
     def grad_checkpointing(self) -> bool:
         return bool(self.config.memory_efficient)
 
+    def _transition_down(self, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # memory-efficient training recomputes it in backward: it keeps only its input, which
+        # is the skip connection, kept anyway (see densenets.efficient.stages)
+        if not torch.jit.is_scripting() and is_eager(x) and self.config.memory_efficient \
+                and self.training and torch.is_grad_enabled():
+            return self._recomputed_transition(down, x)
+        return down(x)
+
+    @torch.jit.unused
+    def _recomputed_transition(self, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from ..efficient.stages import transition
+
+        return transition(down, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores (N, num_classes, *sides) for an input (N, in_channels, *sides)."""
         if not torch.jit.is_scripting() and is_eager(x):
@@ -348,7 +362,7 @@ class FCDenseNet(nn.Module):
         for block, down in self.down_path():
             x = block(x)
             skips.append(x)
-            x = down(x)
+            x = self._transition_down(down, x)
         block: DenseBlock = self.bottleneck
         full = block(x)
         for (up, next_block), skip in zip(self.up_path(), reversed(skips), strict=True):

@@ -203,13 +203,16 @@ SEGMENTATION_RECIPES: dict[str, Recipe] = {
                     "digits), 2,000 train / 500 test scenes",
         # A smaller configuration than FC-DenseNet56, to train in under three minutes on two
         # CPU cores: 3 pools, 2 layers per block and in the bottleneck, k=8, 16 first maps
-        # (71,771 parameters). 3 epochs measured 42.6% test mean IoU in 150 s (one thread).
+        # (71,771 parameters). Background is about 89% of the pixels: weighting it 0.2 lifts
+        # the mean IoU of 3 epochs from 42.6% (unweighted, one thread, 150 s) to 56.1% (two
+        # threads, 91 s) on this 2-core CPU.
         settings=dict(_FC_DENSENET, dataset="digit-scenes", model="fcdensenet56", epochs=3,
                       model_overrides=dict(down_blocks=(2, 2, 2), up_blocks=(2, 2, 2),
                                            bottleneck_layers=2, growth_rate=8,
                                            num_init_features=16),
                       batch_size=16, crop=0, drop_rate=0.0, gamma=0.9, memory_efficient=True,
-                      threads=1, mean=(0.1101,), std=(0.2441,), eval_split="test")),
+                      class_weights=[0.2] + [1.0] * 10,
+                      threads=2, mean=(0.1101,), std=(0.2441,), eval_split="test")),
 }
 
 # 3D DenseNets on volumes, one input channel. The default model is DenseNet-BC-40 (k = 12) with

@@ -287,3 +287,19 @@ def saved_bytes(model, x):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x.requires_grad_(True))
     return sum(storages.values())
+
+
+def train_steps(model, xs, seed: int = 0, steps: int = 3):
+    """Three SGD steps (momentum, weight decay), seeded per step so dropout draws alike in two
+    models; per step the output, the input gradient and the parameter gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    record = []
+    for step, x in enumerate(xs[:steps]):
+        x = x.clone().requires_grad_(True)
+        torch.manual_seed(seed + step)
+        y = model(x)
+        opt.zero_grad()
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        record.append((y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return record

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from support import rel
+from support import rel, train_steps
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -43,22 +43,6 @@ def make_pair(seed: int = 0, **cfg) -> tuple[DenseNet, DenseNet]:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2)
     return plain, copy.deepcopy(plain).set_memory_efficient(True)
-
-
-def train_steps(model: DenseNet, xs, seed: int, steps: int = 3):
-    """Three SGD steps (momentum, weight decay); per step the output, input gradient and
-    parameter gradients."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    record = []
-    for step, x in enumerate(xs[:steps]):
-        x = x.clone().requires_grad_(True)
-        torch.manual_seed(seed + step)
-        y = model(x)
-        opt.zero_grad()
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        record.append((y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]))
-        opt.step()
-    return record
 
 
 def assert_same_training(plain, efficient, xs, seed=0):

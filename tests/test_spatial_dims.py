@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from support import rel, saved_bytes
+from support import rel, saved_bytes, train_steps
 from torch import nn
 
 from densenets import DenseNet, create_model
@@ -44,20 +44,6 @@ def make_pair(dims: int, norm, **cfg) -> tuple[DenseNet, DenseNet]:
                     m.running_mean.normal_(0, 0.1)
                     m.running_var.uniform_(0.5, 2)
     return plain, copy.deepcopy(plain).set_memory_efficient(True)
-
-
-def train_steps(model: DenseNet, xs, steps: int = 3):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    record = []
-    for step, x in enumerate(xs[:steps]):
-        x = x.clone().requires_grad_(True)
-        torch.manual_seed(step)  # the same dropout draws in both modes
-        y = model(x)
-        opt.zero_grad()
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        record.append((y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]))
-        opt.step()
-    return record
 
 
 def assert_same_training(plain, efficient, xs):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -376,16 +376,23 @@ class _KeyedView(Dataset):
         return self.dataset[self.keys[i]]
 
 
-def build_folder_data(cfg, device, splits=("train", "val", "test"),
-                      ten_crop: bool = False) -> DataBundle:
-    """Loaders over ``data_dir/{train,val,test}``; train and val must exist for training."""
+def folder_root(cfg: Any, splits: Sequence[str], layout: str) -> Path:
+    """``cfg.data_dir`` with the split folders it needs (the one asked for, else train and
+    val), or a one-line error naming what is missing and the ``layout`` expected."""
     if not cfg.data_dir:
-        raise ValueError(f"recipe {cfg.recipe} needs --data-dir DIR laid out as {LAYOUT}")
+        raise ValueError(f"recipe {cfg.recipe} needs --data-dir DIR laid out as {layout}")
     root = Path(cfg.data_dir)
     required = set(splits) if len(splits) == 1 else {"train", "val"}
     for split in sorted(required):
         if not (root / split).is_dir():
-            raise FileNotFoundError(f"{root / split} does not exist; {cfg.recipe} expects {LAYOUT}")
+            raise FileNotFoundError(f"{root / split} does not exist; {cfg.recipe} expects {layout}")
+    return root
+
+
+def build_folder_data(cfg, device, splits=("train", "val", "test"),
+                      ten_crop: bool = False) -> DataBundle:
+    """Loaders over ``data_dir/{train,val,test}``; train and val must exist for training."""
+    root = folder_root(cfg, splits, LAYOUT)
     pin = torch.device(device).type == "cuda"
     loaders: dict[str, FolderLoader] = {}
     classes: list[str] | None = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ from ..weights.preprocessing import (
     volume_preprocessing,
 )
 from .batches import DataBundle, ShardedBatches, epoch_generator, epoch_order, rank_slice
-from .imagefolder import FolderLoader, SafeImageFolder
+from .imagefolder import FolderLoader, SafeImageFolder, folder_root
 
 LAYOUT = "root/train/<class>/*.nii.gz (or .nii, .npy) and root/val/<class>/* (optionally test/)"
 VOLUME_DATASETS = ("volumes", "digits3d")
@@ -164,14 +163,7 @@ def build_volume_data(cfg: Any, device: str | torch.device,
 def _folder_loaders(cfg: Any, device: str | torch.device, splits: Sequence[str],
                     size: list[int], window: list[float] | None, augment: bool,
                     pre: dict[str, Any]) -> DataBundle:
-    if not cfg.data_dir:
-        raise ValueError(f"recipe {cfg.recipe} needs --data-dir DIR laid out as {LAYOUT}")
-    root = Path(cfg.data_dir)
-    required = set(splits) if len(splits) == 1 else {"train", "val"}
-    for split in sorted(required):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"{root / split} does not exist; {cfg.recipe} expects "
-                                    f"{LAYOUT}")
+    root = folder_root(cfg, splits, LAYOUT)
     pin = torch.device(device).type == "cuda"
     loaders, classes = {}, None
     for split in ("train", "val", "test"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..models.fcdensenet import FCDENSENET, FCDenseNet, fcdensenet_config
 from .keymap import adapt_input_conv, key_diff
-from .layout import Checkpoint, Error, Layout
+from .layout import Checkpoint, Error, Layout, unwrap_tensors
 
 _WRAPPERS = ("model", "state_dict", "model_state_dict", "model_state", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -27,9 +27,7 @@ FIRST_CONV, CLASSIFIER = "conv0.weight", "classifier.weight"
 
 
 def _tensors(obj: Any) -> Mapping[str, Any] | None:
-    while isinstance(obj, Mapping) and not any(torch.is_tensor(v) for v in obj.values()):
-        obj = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-    return obj if isinstance(obj, Mapping) else None
+    return unwrap_tensors(obj, _WRAPPERS)
 
 
 def holds_fcdensenet(obj: Any) -> bool:

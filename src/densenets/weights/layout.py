@@ -14,6 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+
+def unwrap_tensors(obj: Any, wrappers: tuple[str, ...]) -> Mapping[str, Any] | None:
+    """The state dict inside ``obj``: ``obj`` itself when it holds tensors, else the first of
+    its ``wrappers`` keys that is a mapping, looked into the same way (None: no tensors)."""
+    while isinstance(obj, Mapping) and not any(torch.is_tensor(v) for v in obj.values()):
+        obj = next((obj[k] for k in wrappers if isinstance(obj.get(k), Mapping)), None)
+    return obj if isinstance(obj, Mapping) else None
+
+
 # How a layout reports a checkpoint that does not fit (files.KeyMismatchError).
 Error = Callable[[str], Exception]
 

@@ -17,7 +17,7 @@ import torch
 
 from ..models.rdnet import RDNET, RDNet, rdnet_config, rdnet_pretrained_cfg
 from .keymap import adapt_input_conv, key_diff
-from .layout import Checkpoint, Layout
+from .layout import Checkpoint, Layout, unwrap_tensors
 
 _WRAPPERS = ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -26,9 +26,7 @@ FIRST_CONV, CLASSIFIER = "stem.0.weight", "head.fc.weight"
 
 
 def _tensors(obj: Any) -> Mapping[str, Any] | None:
-    while isinstance(obj, Mapping) and not any(torch.is_tensor(v) for v in obj.values()):
-        obj = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-    return obj if isinstance(obj, Mapping) else None
+    return unwrap_tensors(obj, _WRAPPERS)
 
 
 def is_rdnet_checkpoint(obj: Any) -> bool:

@@ -161,6 +161,28 @@ def test_memory_efficient_trains_like_the_plain_model(dims, sides):
         assert rel(plain.eval()(x), efficient.eval()(x)) < TOL
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_memory_efficient_runs_channels_last_and_answers_in_the_input_layout(dims):
+    """Float32, where the CPU's convolutions keep channels-last: the memory-efficient mode runs
+    channels-last inside, draws dropout as the contiguous plain model does, and returns
+    contiguous scores for a contiguous input (channels-last for a channels-last one)."""
+    torch.manual_seed(0)
+    plain = FCDenseNet(**TINY, spatial_dims=dims, drop_rate=0.5)
+    efficient = copy.deepcopy(plain).set_memory_efficient(True)
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    seen = []
+    efficient.denseblock_up1.register_forward_pre_hook(
+        lambda m, i: seen.append(i[0].is_contiguous(memory_format=fmt)))
+    x = torch.randn(2, 3, *[12] * dims)
+    target = torch.randint(0, 3, (2, *[12] * dims))
+    (ya, ga, _), = train(plain, x, target, steps=1)
+    (yb, gb, _), = train(efficient, x, target, steps=1)
+    assert seen == [True] and yb.is_contiguous()
+    assert rel(ya, yb) < 1e-4 and rel(ga, gb) < 1e-4
+    out = efficient(x.contiguous(memory_format=fmt))  # training, with gradients: efficient
+    assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous()
+
+
 def test_memory_efficient_with_a_one_pixel_bottleneck():
     plain, efficient = make_pair(2, drop_rate=0.0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)

@@ -95,7 +95,24 @@ def test_the_efficient_path_runs_and_keeps_no_bottleneck_maps_in_3d(monkeypatch)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
     saved = eff.ops.outputs(outs)[1]
     assert saved.zhat.numel() == 0 and saved.mean2.shape == (3, 8)
+    # nor a normalised copy of the block: its channels are normalised as they are read
+    assert saved.xhat.numel() == 0 and saved.mean.shape == (8 + 3 * 4,)
     torch.testing.assert_close(y, block.plain_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_draws_as_the_plain_model_in_float32():
+    """Blocks of volumes return channels-last buffers while the plain model stays contiguous;
+    dropout draws its units in memory order, so the masks are drawn in the plain model's
+    layout. (Convolutions in float64 come back contiguous on the CPU, hiding the difference
+    from the float64 tests.)"""
+    torch.manual_seed(0)
+    plain = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=6, num_classes=3,
+                     spatial_dims=3, stem="cifar", bottleneck=True, bn_size=2, drop_rate=0.5)
+    efficient = copy.deepcopy(plain).set_memory_efficient(True)
+    x = torch.randn(2, 3, 6, 7, 8)
+    for (ya, ga, _), (yb, gb, _) in zip(train_steps(plain, [x] * 2, steps=2),
+                                        train_steps(efficient, [x] * 2, steps=2), strict=True):
+        assert rel(ya, yb) < 1e-4 and rel(ga, gb) < 1e-4
 
 
 def test_instance_norm_statistics_are_per_sample():

@@ -18,8 +18,9 @@ product over that view.
 
 The loops below order that work and run the growth convolution; the arithmetic over [M, c]
 matrices comes from a backend's :class:`Passes`: fused C kernels or PyTorch operations
-(:mod:`.passes`), which keep a normalised copy of the block, or the Triton kernels
-(:mod:`.triton_passes`), which keep the raw block and normalise each tile as they load it.
+(:mod:`.passes`), which keep a normalised copy of the block unless memory comes first, or the
+Triton kernels (:mod:`.triton_passes`), which keep the raw block and normalise each tile as they
+load it.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from torch import Tensor
 
 from ..constants import accumulation_dtype
 from .layout import (
+    draws_channels_last,
     dropout_noise,
     growth_conv,
     growth_conv_grads,
-    is_channels_last,
     memory_format,
     rows,
     spatial_rank,
@@ -65,6 +66,17 @@ class BlockSpec:
     @property
     def keep_bottleneck(self) -> bool:
         return not self.memory_first
+
+    @property
+    def keep_xhat(self) -> bool:
+        """Whether backends that keep normalised copies keep one of the block (``xhat``): not
+        when memory comes first; then they normalise the raw block, kept as the output, as they
+        read it (the same values, one copy of the block less)."""
+        return not self.memory_first
+
+    def keeps_raw_block(self, passes: type[Passes]) -> bool:
+        """Whether backward reads the raw block rather than a normalised copy."""
+        return passes.normalises_on_load or not self.keep_xhat
 
     @property
     def num_layers(self) -> int:
@@ -141,7 +153,7 @@ class Saved:
         stats = (*groups, c)
         return Saved(new(*stats), new(*stats), new(*stats), new(*stats2), new(*stats2),
                      new(*stats2),
-                     xhat=new(*(none if on_load else (m, c)), dtype=cdt),
+                     xhat=new(*(none if on_load or not spec.keep_xhat else (m, c)), dtype=cdt),
                      zhat=new(*(none if on_load or not spec.keep_bottleneck else per_layer),
                               dtype=cdt),
                      block=new(*none, dtype=cdt),
@@ -200,7 +212,8 @@ def _forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[
                          f"size {tuple(x.shape)}")
     saved = Saved.new(spec, m, x.device, passes.normalises_on_load, n)
     # Returned as the output (channels-last) or kept for backward: a fresh buffer; else scratch.
-    keep = spec.channels_last or passes.normalises_on_load
+    raw = spec.keeps_raw_block(passes)
+    keep = spec.channels_last or raw
     shape = (n, *spatial, c_out)
     buffer = (torch.empty(shape, dtype=cdt, device=x.device) if keep
               else workspace("out", shape, cdt, x.device))
@@ -221,7 +234,7 @@ def _forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[
     if not spec.channels_last:
         # always a copy: the buffer is scratch (an all-ones-sized map is contiguous already)
         result = result.clone(memory_format=torch.contiguous_format)
-        if passes.normalises_on_load:
+        if raw:
             saved.block = block
     return result, saved
 
@@ -231,9 +244,9 @@ def _noise(saved: Saved, spec: BlockSpec, x: Tensor, channels: int, p: float) ->
     if p == 0:
         return None
     shape = (x.shape[0], channels, *x.shape[2:])
-    # laid out as the plain model's tensor is: as the input (the output may differ, see ops)
+    # laid out as the plain model's tensor is (the output may differ, see dispatch)
     saved.noises.append(dropout_noise(shape, p, spec.compute_dtype, x.device,
-                                      is_channels_last(x)))
+                                      draws_channels_last(x)))
     return saved.noises[-1]
 
 
@@ -249,7 +262,8 @@ def _backward(passes: type[Passes], spec: BlockSpec, grad_out: Tensor, result: T
     n, _, *spatial = result.shape
     c0, k, cdt = spec.in_channels, spec.growth_rate, spec.compute_dtype
     m = result.numel() // spec.out_channels
-    block = rows(result) if passes.normalises_on_load and spec.channels_last else saved.block
+    raw = spec.keeps_raw_block(passes)
+    block = rows(result) if raw and spec.channels_last else saved.block
     run = passes(spec, saved, block)
     grad_out = rows(grad_out.to(cdt))
     # g_sum[:, j] = sum over readers l of gamma1_l[j] * dL/dy1_l[:, j] (y1 = BN1 output)
@@ -285,7 +299,7 @@ def fake_forward(passes: type[Passes], spec: BlockSpec, x: Tensor) -> tuple[Tens
     n, c0, *spatial = x.shape
     m, cdt, dev = x.numel() // c0, spec.compute_dtype, x.device
     saved = Saved.new(spec, m, dev, passes.normalises_on_load, n)
-    if passes.normalises_on_load and not spec.channels_last:
+    if spec.keeps_raw_block(passes) and not spec.channels_last:
         saved.block = torch.empty((m, spec.out_channels), dtype=cdt, device=dev)
     widths = ([spec.inter_channels] if spec.bottleneck else []) + [spec.growth_rate]
     for p in spec.drop_rates:

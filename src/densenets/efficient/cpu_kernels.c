@@ -6,7 +6,10 @@
  * Column sums run in the element type over blocks of ROWS rows, then in double per thread, and
  * the threads' sums are added in thread order (deterministic).
  * cpu_kernels.py compiles this file with -ffp-contract=off, so that the ReLU mask recomputed in
- * backward is bit-identical to the one forward used. The file includes itself twice to define
+ * backward is bit-identical to the one forward used, and a channel normalised as it is read,
+ * (x - mu) * sd, equals the copy col_normalise writes.
+ * The kernels that read normalised channels take them stored (mu == NULL) or raw with their
+ * mean mu and inverse standard deviation sd, normalised on load (the block keeps no copy). The file includes itself twice to define
  * every kernel for float (suffix _f32) and double (_f64).
  */
 #ifndef REAL
@@ -56,15 +59,19 @@ static inline void SUF(add_block)(double *restrict s, T *restrict blk, i64 w) {
     for (i64 j = 0; j < w; j++) { s[j] += blk[j]; blk[j] = 0; }
 }
 
+/* Channel j of a row of normalised channels: stored, or normalised on load. */
+#define XHAT(xr, j) (mu ? ((xr)[j] - mu[j]) * sd[j] : (xr)[j])
+
 /* out = relu(x * g + b): a layer's BN affine and ReLU applied to normalised channels. */
-void SUF(bn_relu)(i64 M, i64 c, const T *restrict x, i64 ldx, const T *restrict g,
-                  const T *restrict b, T *restrict out, i64 ldo, int nt) {
+void SUF(bn_relu)(i64 M, i64 c, const T *restrict x, i64 ldx, const T *restrict mu,
+                  const T *restrict sd, const T *restrict g, const T *restrict b,
+                  T *restrict out, i64 ldo, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 m = 0; m < M; m++) {
         const T *restrict xr = x + m * ldx;
         T *restrict orow = out + m * ldo;
         for (i64 j = 0; j < c; j++) {
-            T y = xr[j] * g[j] + b[j];
+            T y = XHAT(xr, j) * g[j] + b[j];
             orow[j] = y <= 0 ? (T)0 : y;
         }
     }
@@ -75,7 +82,8 @@ void SUF(bn_relu)(i64 M, i64 c, const T *restrict x, i64 ldx, const T *restrict 
  * (the caller frees them); with G != NULL, also G = (G +) g * dy. The compiler unswitches the
  * loop-invariant branches. */
 static double *SUF(relu_sums)(i64 M, i64 c, const T *restrict d, i64 ldd, const T *restrict x,
-                              i64 ldx, const T *restrict g, const T *restrict b,
+                              i64 ldx, const T *restrict mu, const T *restrict sd,
+                              const T *restrict g, const T *restrict b,
                               T *restrict G, i64 ldg, int accumulate, int nt) {
     double *part = partials_new(nt, 2 * c);
 #pragma omp parallel num_threads(nt)
@@ -88,10 +96,11 @@ static double *SUF(relu_sums)(i64 M, i64 c, const T *restrict d, i64 ldd, const 
             const T *restrict dr = d + m * ldd, *restrict xr = x + m * ldx;
             T *restrict gr = G ? G + m * ldg : NULL;
             for (i64 j = 0; j < c; j++) {
-                T y = xr[j] * g[j] + b[j];
+                T xv = XHAT(xr, j);
+                T y = xv * g[j] + b[j];
                 T dy = y <= 0 ? (T)0 : dr[j];
                 bb[j] += dy;
-                bg[j] += dy * xr[j];
+                bg[j] += dy * xv;
                 if (gr) gr[j] = (accumulate ? gr[j] : (T)0) + g[j] * dy;
             }
             if (++rows == ROWS) { SUF(add_block)(s, bg, 2 * c); rows = 0; }
@@ -105,9 +114,10 @@ static double *SUF(relu_sums)(i64 M, i64 c, const T *restrict d, i64 ldd, const 
 /* Backward of a = relu(x * g + b) for one reader of the prefix: dgamma, dbeta, and G = (G +)
  * g * dL/d(x * g + b). */
 void SUF(bn_relu_backward)(i64 M, i64 c, const T *restrict da, i64 ldd, const T *restrict x,
-                           i64 ldx, const T *restrict g, const T *restrict b, T *restrict G,
+                           i64 ldx, const T *restrict mu, const T *restrict sd,
+                           const T *restrict g, const T *restrict b, T *restrict G,
                            i64 ldg, int accumulate, T *dgamma, T *dbeta, int nt) {
-    double *tot = SUF(relu_sums)(M, c, da, ldd, x, ldx, g, b, G, ldg, accumulate, nt);
+    double *tot = SUF(relu_sums)(M, c, da, ldd, x, ldx, mu, sd, g, b, G, ldg, accumulate, nt);
     for (i64 j = 0; j < c; j++) { dgamma[j] = (T)tot[j]; dbeta[j] = (T)tot[c + j]; }
     free(tot);
 }
@@ -140,7 +150,7 @@ static void SUF(col_sums)(i64 M, i64 k, const T *restrict src, i64 lds,
 }
 
 /* Batch statistics of k channels: dst = (src - mean) * invstd with the biased variance
- * (two-pass); dst may be src. The final pass can also write a copy of src (copy != NULL) and
+ * (two-pass); dst may be src, or NULL (statistics only: the channels are normalised on load). The final pass can also write a copy of src (copy != NULL) and
  * relu(dst * g + b) (relu_out != NULL), saving a pass over the data for each. */
 void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, double eps,
                         T *mean_out, T *var_out, T *invstd_out, T *copy, i64 ldc,
@@ -159,16 +169,17 @@ void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, do
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 m = 0; m < M; m++) {
         const T *r = src + m * lds;
-        T *o = dst + m * ldd;
+        T *o = dst ? dst + m * ldd : NULL;
         if (copy) {
             T *restrict cr = copy + m * ldc;
             for (i64 j = 0; j < k; j++) cr[j] = r[j];
         }
-        for (i64 j = 0; j < k; j++) o[j] = (r[j] - mean[j]) * inv[j];
-        if (relu_out) {
-            T *restrict rr = relu_out + m * ldr;
-            for (i64 j = 0; j < k; j++) {
-                T y = o[j] * g[j] + b[j];
+        T *rr = relu_out ? relu_out + m * ldr : NULL;
+        for (i64 j = 0; j < k; j++) {  /* r[j] is read before o[j] (maybe r[j]) is written */
+            T v = (r[j] - mean[j]) * inv[j];
+            if (o) o[j] = v;
+            if (rr) {
+                T y = v * g[j] + b[j];
                 rr[j] = y <= 0 ? (T)0 : y;
             }
         }
@@ -180,7 +191,7 @@ void SUF(col_normalise)(i64 M, i64 k, const T *src, i64 lds, T *dst, i64 ldd, do
  * g * invstd * (dy - mean(dy) - z * mean(dy * z)); dy is recomputed in both passes. */
 void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T *g,
                       const T *b, const T *invstd, T *dgamma, T *dbeta, int nt) {
-    double *tot = SUF(relu_sums)(M, c, dh, ldh, z, ldz, g, b, NULL, 0, 0, nt);
+    double *tot = SUF(relu_sums)(M, c, dh, ldh, z, ldz, NULL, NULL, g, b, NULL, 0, 0, nt);
     T *coef = (T *)malloc(3 * c * sizeof(T)), *mg = coef + c, *mb = mg + c;
     for (i64 j = 0; j < c; j++) {
         dgamma[j] = (T)tot[j];
@@ -204,11 +215,14 @@ void SUF(bn_backward)(i64 M, i64 c, T *dh, i64 ldh, const T *z, i64 ldz, const T
 }
 
 /* dL/dx of a channel group from its direct gradient and the summed BN backward of all its
- * readers: out = go + invstd * (G - mean(G) - x * mean(G * x)). The means are taken over the
+ * readers: out = go + invstd * (G - mean(G) - x * mean(G * x)), x normalised (stored, or raw
+ * with its mean mu: normalised on load with invstd). The means are taken over the
  * accumulated G itself, so each output column has exactly the zero-mean structure of BN's
  * backward (sums of the readers' own terms would differ from it by G's rounding). */
 void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
-                        const T *invstd, const T *go, i64 ldgo, T *out, i64 ldo, int nt) {
+                        const T *restrict mu, const T *invstd, const T *go, i64 ldgo, T *out,
+                        i64 ldo, int nt) {
+    const T *restrict sd = invstd;
     double *part = partials_new(nt, 2 * k);
 #pragma omp parallel num_threads(nt)
     {
@@ -218,7 +232,7 @@ void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
 #pragma omp for schedule(static)
         for (i64 m = 0; m < M; m++) {
             const T *restrict gr = G + m * ldg, *restrict xr = x + m * ldx;
-            for (i64 j = 0; j < k; j++) { bp[j] += gr[j]; bq[j] += gr[j] * xr[j]; }
+            for (i64 j = 0; j < k; j++) { bp[j] += gr[j]; bq[j] += gr[j] * XHAT(xr, j); }
             if (++rows == ROWS) { SUF(add_block)(s, bp, 2 * k); rows = 0; }
         }
         SUF(add_block)(s, bp, 2 * k);
@@ -237,9 +251,10 @@ void SUF(bn_input_grad)(i64 M, i64 k, const T *G, i64 ldg, const T *x, i64 ldx,
         const T *restrict dr = go + m * ldgo;
         T *restrict o = out + m * ldo;
         for (i64 j = 0; j < k; j++)
-            o[j] = dr[j] + invstd[j] * (gr[j] - pm[j] - xr[j] * coef[j]);
+            o[j] = dr[j] + invstd[j] * (gr[j] - pm[j] - XHAT(xr, j) * coef[j]);
     }
     free(coef);
 }
+#undef XHAT
 #undef T
 #endif

@@ -32,13 +32,14 @@ _tried = False
 
 _i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 _SIGNATURES = {
-    "bn_relu": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _int],
-    "bn_relu_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _int,
-                         _ptr, _ptr, _int],
+    "bn_relu": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _int],
+    "bn_relu_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                         _i64, _int, _ptr, _ptr, _int],
     "col_normalise": [_i64, _i64, _ptr, _i64, _ptr, _i64, _dbl, _ptr, _ptr, _ptr, _ptr, _i64,
                       _ptr, _ptr, _ptr, _i64, _int],
     "bn_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "bn_input_grad": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _int],
+    "bn_input_grad": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
+                      _int],
 }
 
 
@@ -138,38 +139,50 @@ def _vec(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def bn_relu(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _stats(mean: torch.Tensor | None, invstd: torch.Tensor | None) -> tuple:
+    """The (mu, sd) pointers of channels normalised on load; (NULL, NULL) for stored ones."""
+    return (None, None) if mean is None else (_vec(mean), _vec(invstd))
+
+
+# ``x`` below is normalised channels: stored, or raw with their ``mean`` and ``invstd`` (then
+# normalised as they are read, to the values col_normalise would have stored).
+
+
+def bn_relu(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+            mean: torch.Tensor | None = None, invstd: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """out = relu(x * g + b)."""
     m, c = x.shape
-    _fn("bn_relu", x.dtype)(m, c, *_mat(x), _vec(g), _vec(b), *_mat(out),
-                            torch.get_num_threads())
+    _fn("bn_relu", x.dtype)(m, c, *_mat(x), *_stats(mean, invstd), _vec(g), _vec(b),
+                            *_mat(out), torch.get_num_threads())
     return out
 
 
-def bn_relu_backward(da, x, g, b, g_sum, accumulate: bool):
+def bn_relu_backward(da, x, g, b, g_sum, accumulate: bool, mean=None, invstd=None):
     """(dgamma, dbeta) of relu(x * g + b) given da; g_sum (+)= g * dy."""
     m, c = x.shape
     dgamma, dbeta = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
-    _fn("bn_relu_backward", x.dtype)(m, c, *_mat(da), *_mat(x), _vec(g), _vec(b),
-                                     *_mat(g_sum), int(accumulate), _vec(dgamma), _vec(dbeta),
-                                     torch.get_num_threads())
+    _fn("bn_relu_backward", x.dtype)(m, c, *_mat(da), *_mat(x), *_stats(mean, invstd),
+                                     _vec(g), _vec(b), *_mat(g_sum), int(accumulate),
+                                     _vec(dgamma), _vec(dbeta), torch.get_num_threads())
     return dgamma, dbeta
 
 
-def col_normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, mean: torch.Tensor,
+def col_normalise(src: torch.Tensor, dst: torch.Tensor | None, eps: float, mean: torch.Tensor,
                   var: torch.Tensor, invstd: torch.Tensor, copy: torch.Tensor | None = None,
                   relu: tuple | None = None) -> None:
-    """dst = (src - mean) * invstd per column, writing the mean, biased var and invstd. Also
-    writes ``copy`` = src and, with relu = (g, b, out), out = relu(dst * g + b) in the same
-    pass."""
+    """dst = (src - mean) * invstd per column (None: statistics only), writing the mean, biased
+    var and invstd. Also writes ``copy`` = src and, with relu = (g, b, out), out = relu(dst * g
+    + b) in the same pass."""
     m, k = src.shape
     copy_ptr, ldc = _mat(copy) if copy is not None else (None, 0)
+    dst_ptr, ldd = _mat(dst) if dst is not None else (None, 0)
     if relu is not None:
         g, b, out = relu
         relu_args = (_vec(g), _vec(b), *_mat(out))
     else:
         relu_args = (None, None, None, 0)
-    _fn("col_normalise", src.dtype)(m, k, *_mat(src), *_mat(dst), float(eps), _vec(mean),
+    _fn("col_normalise", src.dtype)(m, k, *_mat(src), dst_ptr, ldd, float(eps), _vec(mean),
                                     _vec(var), _vec(invstd), copy_ptr, ldc, *relu_args,
                                     torch.get_num_threads())
 
@@ -183,9 +196,11 @@ def bn_backward(dh: torch.Tensor, z: torch.Tensor, g, b, invstd):
     return dgamma, dbeta
 
 
-def bn_input_grad(g_sum, x, invstd, grad_direct, out):
-    """out = grad_direct + invstd * (G - mean(G) - x * mean(G * x)), means over G's rows."""
+def bn_input_grad(g_sum, x, invstd, grad_direct, out, mean=None):
+    """out = grad_direct + invstd * (G - mean(G) - x * mean(G * x)), means over G's rows (x
+    raw with its ``mean`` when given: normalised on load with ``invstd``)."""
     m, k = x.shape
-    _fn("bn_input_grad", x.dtype)(m, k, *_mat(g_sum), *_mat(x), _vec(invstd),
+    mu = None if mean is None else _vec(mean)
+    _fn("bn_input_grad", x.dtype)(m, k, *_mat(g_sum), *_mat(x), mu, _vec(invstd),
                                   *_mat(grad_direct), *_mat(out), torch.get_num_threads())
     return out

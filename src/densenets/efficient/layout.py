@@ -9,6 +9,10 @@ functions below look at the rank.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +83,42 @@ def growth_conv_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
     gi, gw, _ = _conv_backward(grad, x, w, None, [1] * r, [w.shape[2] // 2] * r, [1] * r,
                                False, [0] * r, 1, [True, True, False])
     return gi, gw
+
+
+# The layout of the plain model's tensors, while a memory-efficient model runs in another one
+# (None: each tensor's own). Dropout draws its units in memory order, so a mask drawn on a
+# channels-last tensor drops other units than the plain model's mask on a contiguous one.
+_PLAIN_CHANNELS_LAST: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "densenets_plain_channels_last", default=None)
+
+
+@contextlib.contextmanager
+def plain_layout(x: torch.Tensor) -> Iterator[None]:
+    """Within: dropout draws as the plain model given ``x`` (the model's input) would, whatever
+    layout the memory-efficient model's own tensors take (it keeps the input's layout
+    throughout)."""
+    token = _PLAIN_CHANNELS_LAST.set(is_channels_last(x))
+    try:
+        yield
+    finally:
+        _PLAIN_CHANNELS_LAST.reset(token)
+
+
+def draws_channels_last(x: torch.Tensor) -> bool:
+    """Whether dropout on ``x`` draws its mask channels-last: as the plain model's tensor would
+    be laid out (see :func:`plain_layout`), else as ``x`` is."""
+    plain = _PLAIN_CHANNELS_LAST.get()
+    return is_channels_last(x) if plain is None else plain
+
+
+def dropout(y: torch.Tensor, p: float, channels_last: bool) -> torch.Tensor:
+    """F.dropout(y, p) in training, with the mask drawn in the given layout (the plain model's:
+    :func:`draws_channels_last`, read when forward runs); the same values as F.dropout on a
+    tensor so laid out."""
+    if p == 0 or is_channels_last(y) == channels_last:
+        return F.dropout(y, p, training=True)
+    fmt = memory_format(y.dim() - 2, channels_last)
+    return y * F.dropout(torch.ones_like(y, memory_format=fmt), p, training=True)
 
 
 def dropout_noise(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device,

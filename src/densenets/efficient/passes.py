@@ -1,11 +1,13 @@
-"""The passes of the memory-efficient block that keep normalised copies: fused C kernels
+"""The passes of the memory-efficient block as fused C kernels
 (:mod:`densenets.efficient.cpu_kernels`, CPU float32/float64, where the passes are bound by
 memory bandwidth) or PyTorch operations (everywhere else: GPU, half precision, no C compiler).
 
-Each channel is normalised once, when it is produced, into ``xhat`` [M, C] (and each bottleneck
-output in place, into ``zhat``); a layer then applies only its own affine and ReLU. Every
-elementary pass below has both implementations with the same results; ``native`` picks one,
-once per block and step, so forward and backward agree.
+Each channel is normalised once, when it is produced: into ``xhat`` [M, C] (and each bottleneck
+output in place, into ``zhat``); a layer then applies only its own affine and ReLU. Blocks that
+put memory first (volumes, see :mod:`.layout`) keep no ``xhat``: they read the raw block (their
+output, kept anyway) with its statistics and normalise each value as they load it, to the same
+value (:class:`Normed`). Every elementary pass below has both implementations with the same
+results; ``native`` picks one, once per block and step, so forward and backward agree.
 
 The passes that take statistics run once per set of them: once over all M rows (batch norm), or
 once per sample's rows (instance norm, whose rows of one sample are contiguous).
@@ -13,7 +15,7 @@ once per sample's rows (instance norm, whose rows of one sample are contiguous).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -38,16 +40,42 @@ def colsum(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return torch.mv(t.t(), ones(t.shape[0], acc, t.device))
 
 
+class Normed(NamedTuple):
+    """Normalised channels [rows, c] as a pass reads them: a stored copy (``mean`` None), or
+    the raw block with its statistics (each [c]), normalised as they are read, to the values
+    the stored copy would hold (the same arithmetic: (x - mean) * invstd)."""
+
+    x: torch.Tensor
+    mean: torch.Tensor | None = None
+    invstd: torch.Tensor | None = None
+
+    def rows(self, r: slice) -> Normed:
+        return self._replace(x=self.x[r])
+
+    def value(self) -> torch.Tensor:
+        """The normalised channels as a tensor (PyTorch operations: raw ones into scratch)."""
+        if self.mean is None:
+            return self.x
+        out = workspace("xhat", tuple(self.x.shape), self.x.dtype, self.x.device)
+        torch.sub(self.x, self.mean, out=out)
+        return out.mul_(self.invstd)
+
+
 class TorchPasses:
-    """The passes as PyTorch operations (see :class:`~densenets.efficient.algorithm.Passes`)."""
+    """The passes as PyTorch operations (see :class:`~densenets.efficient.algorithm.Passes`).
+
+    Blocks that keep a normalised copy of their channels (``spec.keep_xhat``) read it; blocks
+    that put memory first keep only the raw block and normalise each channel as they read it.
+    """
 
     normalises_on_load: ClassVar[bool] = False
     native: ClassVar[bool] = False
 
     def __init__(self, spec: BlockSpec, saved: Saved, block: torch.Tensor) -> None:
         self.spec, self.s, self.block = spec, saved, block
-        self.m = saved.xhat.shape[0]
-        self.cdt, self.acc, self.dev = spec.compute_dtype, spec.acc_dtype, saved.xhat.device
+        self.stored = spec.keep_xhat
+        self.m = saved.xhat.shape[0] if self.stored else block.shape[0]
+        self.cdt, self.acc, self.dev = spec.compute_dtype, spec.acc_dtype, saved.mean.device
         groups = saved.mean.shape[0] if saved.mean.dim() == 2 else 1
         step = self.m // groups
         # the rows each set of statistics covers: all of them, or one sample's
@@ -58,6 +86,20 @@ class TorchPasses:
         """Statistics as [sets, c]: one row for batch norm, one per sample for instance norm."""
         return t.view(1, -1) if t.dim() == 1 else t
 
+    def _normed(self, cols: slice) -> list[tuple[slice, Normed]]:
+        """Channels ``cols`` normalised, per set of statistics: (its rows, the channels)."""
+        if self.stored:
+            return [(r, Normed(self.s.xhat[r, cols])) for r in self.groups]
+        mean, invstd = self._sets(self.s.mean), self._sets(self.s.invstd)
+        return [(r, Normed(self.block[r, cols], mean[g, cols], invstd[g, cols]))
+                for g, r in enumerate(self.groups)]
+
+    def _chunks(self, c: int):
+        """(rows, the first c channels normalised) in row chunks that stay in cache."""
+        for rows, x in self._normed(slice(0, c)):
+            for r in row_chunks(rows.stop - rows.start, c, self.dev):
+                yield slice(rows.start + r.start, rows.start + r.stop), x.rows(r)
+
     def add_channels(self, c: int, new: torch.Tensor | None) -> None:
         s = self.s
         if new is None:
@@ -67,13 +109,15 @@ class TorchPasses:
         cols = slice(c, c + src.shape[1])
         mean, var, invstd = (self._sets(t) for t in (s.mean, s.var, s.invstd))
         for g, r in enumerate(self.groups):
-            normalise(src[r], s.xhat[r, cols], self.spec.eps1, self.acc, self.native,
-                      (mean[g, cols], var[g, cols], invstd[g, cols]),
+            normalise(src[r], s.xhat[r, cols] if self.stored else None, self.spec.eps1,
+                      self.acc, self.native, (mean[g, cols], var[g, cols], invstd[g, cols]),
                       copy=None if copy is None else copy[r])
 
     def _bn1_relu(self, c: int, p: LayerParams) -> torch.Tensor:
         a = workspace("a", (self.m, c), self.cdt, self.dev)
-        return bn_relu(self.s.xhat[:, :c], p.gamma1, p.beta1, a, self.native)
+        for r, x in self._normed(slice(0, c)):
+            bn_relu(x, p.gamma1, p.beta1, a[r], self.native)
+        return a
 
     def _zhat(self, i: int) -> torch.Tensor:
         """Layer i's bottleneck output [M, 4k]: kept, or the one last (re)computed."""
@@ -81,18 +125,17 @@ class TorchPasses:
 
     def _bottleneck(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
         """z = conv1x1(relu(BN1(prefix))) [* dropout mask], unnormalised, into :meth:`_zhat`."""
-        s, b, cdt = self.s, self.spec.inter_channels, self.cdt
+        b, cdt = self.spec.inter_channels, self.cdt
         if not self.spec.keep_bottleneck:
             self._z = workspace("z", (self.m, b), cdt, self.dev)
         z = self._zhat(i)
         w1t = p.w1.to(cdt).view(b, c).t()
-        for r in row_chunks(self.m, c, self.dev):
+        for r, x in self._chunks(c):
             a = workspace("a", (r.stop - r.start, c), cdt, self.dev)
-            torch.mm(bn_relu(s.xhat[r, :c], p.gamma1, p.beta1, a, self.native), w1t, out=z[r])
+            torch.mm(bn_relu(x, p.gamma1, p.beta1, a, self.native), w1t, out=z[r])
         if noise is not None:
             z.mul_(noise)
         return z
-
     def conv_input(self, i: int, c: int, p: LayerParams, noise) -> torch.Tensor:
         if not self.spec.bottleneck:
             return self._bn1_relu(c, p)
@@ -114,14 +157,17 @@ class TorchPasses:
             for g, r in enumerate(self.groups):
                 z[r].sub_(mean[g].to(z.dtype)).mul_(invstd[g].to(z.dtype))
         hidden = workspace("b", (self.m, self.spec.inter_channels), self.cdt, self.dev)
-        return bn_relu(self._zhat(i), p.gamma2, p.beta2, hidden, self.native)
+        return bn_relu(Normed(self._zhat(i)), p.gamma2, p.beta2, hidden, self.native)
 
     def conv_input_backward(self, i: int, c: int, p: LayerParams, dh, h, g_sum,
                             accumulate: bool, noise) -> LayerParams:
-        s, acc = self.s, self.acc
+        acc = self.acc
         if not self.spec.bottleneck:
-            dg1, db1 = bn_relu_backward(dh, h, s.xhat[:, :c], p.gamma1, p.beta1, g_sum[:, :c],
-                                        accumulate, acc, self.native)
+            dg1 = db1 = 0
+            for r, x in self._normed(slice(0, c)):
+                dg, db = bn_relu_backward(dh[r], h[r], x, p.gamma1, p.beta1, g_sum[r, :c],
+                                          accumulate, acc, self.native)
+                dg1, db1 = dg1 + dg, db1 + db
             return LayerParams(dg1, db1, None, None, None, None)
         dz, dg2, db2 = self._bn2_backward(i, p, dh, h)
         if noise is not None:
@@ -149,21 +195,21 @@ class TorchPasses:
     def _conv1x1_backward(self, dz, w1, c: int, p: LayerParams, g_sum, accumulate: bool):
         """Backward of z = relu(xhat * g1 + b1) @ w1.t(), in row chunks that stay in cache:
         recompute the BN-ReLU, then dw1 and the BN1 terms. Returns (dw1, dgamma1, dbeta1)."""
-        xhat, acc, dev = self.s.xhat[:, :c], self.acc, self.dev
+        acc, dev = self.acc, self.dev
         dw1 = torch.zeros((w1.shape[0], c), dtype=acc, device=dev)
         dg1 = torch.zeros(c, dtype=acc, device=dev)
         db1 = torch.zeros_like(dg1)
-        for r in row_chunks(self.m, c, dev):
+        for r, x in self._chunks(c):
             rows = r.stop - r.start
-            a = bn_relu(xhat[r], p.gamma1, p.beta1, workspace("a", (rows, c), dz.dtype, dev),
+            a = bn_relu(x, p.gamma1, p.beta1, workspace("a", (rows, c), dz.dtype, dev),
                         self.native)
             if dw1.dtype == a.dtype:
                 dw1.addmm_(dz[r].t(), a)
             else:  # half precision: sum the chunks in float32
                 dw1 += torch.mm(dz[r].t(), a)
             da = torch.mm(dz[r], w1, out=workspace("d", (rows, c), dz.dtype, dev))
-            dg, db = bn_relu_backward(da, a, xhat[r], p.gamma1, p.beta1, g_sum[r], accumulate,
-                                      acc, self.native)
+            dg, db = bn_relu_backward(da, a, x, p.gamma1, p.beta1, g_sum[r], accumulate, acc,
+                                      self.native)
             dg1 += dg
             db1 += db
         return dw1, dg1, db1
@@ -173,11 +219,13 @@ class TorchPasses:
         shape = (self.m, k)
         out = (workspace("d_new", shape, self.acc, self.dev) if scratch
                else torch.empty(shape, dtype=self.acc, device=self.dev))
-        xhat, invstd = self.s.xhat[:, c:c + k], self._sets(self.s.invstd)[:, c:c + k]
-        if len(self.groups) == 1:
-            return bn_input_grad(g_sum, xhat, invstd[0], direct, out, self.acc, self.native)
-        for g, r in enumerate(self.groups):
-            d = bn_input_grad(g_sum[r], xhat[r], invstd[g], direct[r], out[r], self.acc,
+        invstd = self._sets(self.s.invstd)[:, c:c + k]
+        parts = self._normed(slice(c, c + k))
+        if len(parts) == 1:
+            return bn_input_grad(g_sum, parts[0][1], invstd[0], direct, out, self.acc,
+                                 self.native)
+        for g, (r, x) in enumerate(parts):
+            d = bn_input_grad(g_sum[r], x, invstd[g], direct[r], out[r], self.acc,
                               self.native)
             if d.data_ptr() != out[r].data_ptr():
                 out[r].copy_(d)
@@ -191,17 +239,20 @@ class NativePasses(TorchPasses):
 
 
 # --- the elementary passes, each in C and in PyTorch operations ---------------------------------
-def normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, acc: torch.dtype, native: bool,
-              stats: tuple, copy: torch.Tensor | None = None, relu: tuple | None = None) -> None:
-    """Write (src - mean) * invstd into ``dst`` (may be ``src``) and the biased batch
-    statistics into stats = (mean, var, invstd), each [c] in ``acc``. Optionally also copy
-    ``src`` into ``copy`` and, with relu = (gamma, beta, out), write out = relu(dst * gamma +
-    beta): the fused kernel does both in its last pass."""
+def normalise(src: torch.Tensor, dst: torch.Tensor | None, eps: float, acc: torch.dtype,
+              native: bool, stats: tuple, copy: torch.Tensor | None = None,
+              relu: tuple | None = None) -> None:
+    """Write (src - mean) * invstd into ``dst`` (may be ``src``; None: nothing kept) and the
+    biased batch statistics into stats = (mean, var, invstd), each [c] in ``acc``. Optionally
+    also copy ``src`` into ``copy`` and, with relu = (gamma, beta, out), write out =
+    relu(dst * gamma + beta): the fused kernel does both in its last pass."""
     if native:
         cpu_kernels.col_normalise(src, dst, eps, *stats, copy, relu)
         return
     if copy is not None:
         copy.copy_(src)
+    if dst is None:
+        dst = workspace("xhat", tuple(src.shape), src.dtype, src.device)
     m = src.shape[0]
     mean = colsum(src, acc) / m
     torch.sub(src, mean, out=dst)
@@ -211,19 +262,19 @@ def normalise(src: torch.Tensor, dst: torch.Tensor, eps: float, acc: torch.dtype
     for out, value in zip(stats, (mean, var, invstd), strict=True):
         out.copy_(value)
     if relu is not None:
-        bn_relu(dst, *relu, native=False)
+        bn_relu(Normed(dst), *relu, native=False)
 
 
-def bn_relu(xhat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor,
+def bn_relu(xhat: Normed, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor,
             native: bool) -> torch.Tensor:
     """out = relu(xhat * gamma + beta): one layer's BN affine and ReLU on normalised channels."""
     if native:
-        return cpu_kernels.bn_relu(xhat, gamma, beta, out)
-    torch.addcmul(beta, xhat, gamma, out=out)
+        return cpu_kernels.bn_relu(xhat.x, gamma, beta, out, xhat.mean, xhat.invstd)
+    torch.addcmul(beta, xhat.value(), gamma, out=out)
     return out.clamp_min_(0)
 
 
-def bn_relu_backward(da: torch.Tensor, a: torch.Tensor, xhat: torch.Tensor, gamma, beta,
+def bn_relu_backward(da: torch.Tensor, a: torch.Tensor, xhat: Normed, gamma, beta,
                      g_sum: torch.Tensor, accumulate: bool, acc: torch.dtype, native: bool):
     """Backward of a = relu(xhat * gamma + beta) for one reader of the prefix.
 
@@ -231,10 +282,11 @@ def bn_relu_backward(da: torch.Tensor, a: torch.Tensor, xhat: torch.Tensor, gamm
     ``accumulate``). ``da`` and ``a`` are scratch afterwards.
     """
     if native:
-        return cpu_kernels.bn_relu_backward(da, xhat, gamma, beta, g_sum, accumulate)
+        return cpu_kernels.bn_relu_backward(da, xhat.x, gamma, beta, g_sum, accumulate,
+                                            xhat.mean, xhat.invstd)
     dy = _threshold_backward(da, a, 0, grad_input=da)
     dbeta = colsum(dy, acc)
-    dgamma = colsum(torch.mul(dy, xhat, out=a), acc)
+    dgamma = colsum(torch.mul(dy, xhat.value(), out=a), acc)
     if accumulate:
         g_sum.addcmul_(dy, gamma)
     else:
@@ -261,7 +313,7 @@ def bn_backward(dh: torch.Tensor, z: torch.Tensor, hidden: torch.Tensor, gamma, 
     return dz, dgamma, dbeta
 
 
-def bn_input_grad(g_sum, xhat, invstd, grad_direct, out: torch.Tensor, acc: torch.dtype,
+def bn_input_grad(g_sum, x: Normed, invstd, grad_direct, out: torch.Tensor, acc: torch.dtype,
                   native: bool) -> torch.Tensor:
     """dL/dx of one channel group: its direct gradient plus the BN1 backward of all readers,
     invstd * (G - mean(G) - xhat * mean(G * xhat)), where G sums gamma_l * dL/dy_l over the
@@ -269,8 +321,8 @@ def bn_input_grad(g_sum, xhat, invstd, grad_direct, out: torch.Tensor, acc: torc
     dgamma), so each column keeps BN's exact zero-mean structure despite G's rounding. The
     fused kernel writes ``out``; the PyTorch version returns a new tensor."""
     if native:
-        return cpu_kernels.bn_input_grad(g_sum, xhat, invstd, grad_direct, out)
-    m = g_sum.shape[0]
+        return cpu_kernels.bn_input_grad(g_sum, x.x, invstd, grad_direct, out, x.mean)
+    xhat, m = x.value(), g_sum.shape[0]
     mean_g = colsum(g_sum, acc) / m
     mean_gx = colsum(g_sum * xhat, acc) / m
     d = torch.addcmul(grad_direct, g_sum, invstd)

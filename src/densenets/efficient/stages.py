@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import draws_channels_last, dropout
+
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _STEM = ("conv0", "norm0", "relu0", "pool0")
@@ -114,7 +116,9 @@ def _stem(modules: dict[str, nn.Module]) -> Callable | None:
     return run
 
 
-def _transition(t: nn.Module) -> Callable | None:
+def _transition(t: nn.Module, channels_last: bool) -> Callable | None:
+    """The transition's run; its dropout draws as a tensor of that layout would (the plain
+    model's, fixed when forward runs: backward's replay must draw the same units)."""
     if not _recomputable_norm(t.norm):
         return None
 
@@ -133,7 +137,11 @@ def _transition(t: nn.Module) -> Callable | None:
         if commute:
             return conv(_average(pool, y))
         y = conv(y)
-        return pool(drop(y) if drop is not None else y)
+        if type(drop) is nn.Dropout and drop.training:
+            y = dropout(y, drop.p, channels_last)
+        elif drop is not None:
+            y = drop(y)
+        return pool(y)
 
     return run
 
@@ -253,7 +261,7 @@ def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
 def transition(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a transition (norm, relu, conv, [drop,] pool) in training, recomputed
     in backward where it allows it."""
-    run = _transition(module) if _is_transition(module) else None
+    run = _transition(module, draws_channels_last(x)) if _is_transition(module) else None
     if run is None or _hooked([module, *module.children()]):
         return module(x)
     return _Recomputed.apply(run, x, *_params([module]))

@@ -403,9 +403,11 @@ class DenseNet(TimmContract, nn.Module):
     def _efficient_features(self, x: torch.Tensor) -> torch.Tensor:
         """Training: the stem and transitions recomputed in backward too (see
         :mod:`densenets.efficient.stages`)."""
+        from ..efficient.layout import plain_layout
         from ..efficient.stages import run_features
 
-        return run_features(self.features, x)
+        with plain_layout(x):  # blocks of volumes return channels-last buffers: draw as x is
+            return run_features(self.features, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global pool, head dropout, then the classifier unless ``pre_logits``.

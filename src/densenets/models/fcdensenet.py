@@ -339,30 +339,49 @@ class FCDenseNet(nn.Module):
     def grad_checkpointing(self) -> bool:
         return bool(self.config.memory_efficient)
 
-    def _transition_down(self, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # memory-efficient training recomputes it in backward: it keeps only its input, which
-        # is the skip connection, kept anyway (see densenets.efficient.stages)
-        if not torch.jit.is_scripting() and is_eager(x) and self.config.memory_efficient \
-                and self.training and torch.is_grad_enabled():
-            return self._recomputed_transition(down, x)
-        return down(x)
+    @torch.jit.unused
+    def _efficient_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Memory-efficient training: channels-last throughout, the layout of the blocks'
+        buffers, so a block's output is its buffer (no copy) and backward reads the gradients
+        in place; the transitions down recomputed in backward. Dropout draws as the plain model
+        does on ``x``'s layout, and the scores come back in that layout."""
+        from ..efficient.layout import (
+            MEMORY_FORMATS,
+            is_channels_last,
+            memory_format,
+            plain_layout,
+        )
+
+        rank = x.dim() - 2
+        with plain_layout(x):
+            y = self._forward(x.contiguous(memory_format=MEMORY_FORMATS[rank]), True)
+        return y.contiguous(memory_format=memory_format(rank, is_channels_last(x)))
 
     @torch.jit.unused
     def _recomputed_transition(self, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # it keeps only its input, which is the skip connection, kept anyway (see
+        # densenets.efficient.stages)
         from ..efficient.stages import transition
 
         return transition(down, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores (N, num_classes, *sides) for an input (N, in_channels, *sides)."""
-        if not torch.jit.is_scripting() and is_eager(x):
-            self.check_input(x)
+        # is_scripting() must be a condition of its own for scripting to skip the block
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if is_eager(x):
+                self.check_input(x)
+                if self.config.memory_efficient and self.training and torch.is_grad_enabled():
+                    return self._efficient_forward(x)
+        return self._forward(x, False)
+
+    def _forward(self, x: torch.Tensor, recompute: bool) -> torch.Tensor:
         x = self.conv0(x)
         skips = []
         for block, down in self.down_path():
             x = block(x)
             skips.append(x)
-            x = self._transition_down(down, x)
+            x = self._recomputed_transition(down, x) if recompute else down(x)
         block: DenseBlock = self.bottleneck
         full = block(x)
         for (up, next_block), skip in zip(self.up_path(), reversed(skips), strict=True):

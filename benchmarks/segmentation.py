@@ -3,6 +3,7 @@
     python benchmarks/segmentation.py                 # both configurations, this machine
     python benchmarks/segmentation.py --steps 2       # fewer timed steps (CPU: seconds each)
     python benchmarks/segmentation.py --only 3d
+    python benchmarks/segmentation.py --only depth  # memory against depth alone
 
 The paper's FC-DenseNet103 at 224x224, batch 3 (its CamVid crops), and a 3D FC-DenseNet56 on
 64^3 volumes (one channel), batch 1; 11 classes, fp32, pixel-wise cross-entropy, SGD with
@@ -11,7 +12,10 @@ data), so a busy machine slows them alike; the median step counts. Memory: each 
 fresh process (analysis.bench's measures: peak RSS on CPU, max_memory_allocated on CUDA); the
 training memory is the peak minus what the process held with the model and batch built, so the
 ~700 MiB of torch's own import does not dilute the ratio (the peak itself is recorded too).
-Results go to benchmarks/results/segmentation.json and print as a markdown table.
+Memory against depth: an FC-DenseNet with four pools, k = 12 and L layers in every dense block
+(L = 4, 8, 12, 16: 9L dense layers), 96x96, batch 2, each mode and depth in its own process; a
+line and a parabola fitted to each curve (linear when the parabola fits no better).
+Results go to benchmarks/results/segmentation.json and print as markdown tables.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from densenets import create_model  # noqa: E402
 from densenets.analysis.bench import (  # noqa: E402
     current_memory_mib,
     environment,
+    fit_line_and_parabola,
     peak_memory_mib,
     resolve_device,
     time_alternating,
@@ -46,13 +51,25 @@ CONFIGS = {
     "3d": ("fcdensenet56", dict(num_classes=11, in_channels=1, spatial_dims=3), 64, 1),
 }
 TARGETS = {"memory": 0.5, "speed": 1.0}  # efficient/plain memory at most, speed at least
+DEPTH_LAYERS = (4, 8, 12, 16)  # layers per dense block in the depth sweep
+
+
+def depth_config(layers: int) -> tuple[str, dict, int, int]:
+    """The sweep's FC-DenseNet with ``layers`` layers in each of its 9 dense blocks."""
+    return ("fcdensenet56", dict(num_classes=11, growth_rate=12, down_blocks=(layers,) * 4,
+                                 bottleneck_layers=layers), 96, 2)
+
+
+def config(key: str) -> tuple[str, dict, int, int]:
+    """(model, overrides, side, batch) of a configuration key: "2d", "3d" or "depth-L"."""
+    return depth_config(int(key.split("-")[1])) if key.startswith("depth-") else CONFIGS[key]
 
 
 class SegStep:
     """One training step of an FC-DenseNet on fixed random data; calling it returns seconds."""
 
     def __init__(self, key: str, memory_efficient: bool, device: torch.device) -> None:
-        name, overrides, side, batch = CONFIGS[key]
+        name, overrides, side, batch = config(key)
         torch.manual_seed(0)
         self.model = create_model(name, memory_efficient=memory_efficient,
                                   **overrides).to(device).train()
@@ -112,7 +129,7 @@ def measure(key: str, steps: int, warmup: int, device: str) -> dict:
     memory = {mode: memory_in_subprocess(key, mode == "memory_efficient", max(1, warmup) + 1,
                                          device) for mode in ("plain", "memory_efficient")}
     median = {m: statistics.median(t) for m, t in times.items()}
-    name, overrides, side, batch = CONFIGS[key]
+    name, overrides, side, batch = config(key)
     return {
         "model": name, "overrides": overrides, "input_side": side, "batch_size": batch,
         "step_s": times, "median_step_s": median, "memory": memory,
@@ -121,6 +138,29 @@ def measure(key: str, steps: int, warmup: int, device: str) -> dict:
         / memory["plain"]["training_mib"],
         "peak_ratio": memory["memory_efficient"]["peak_mib"] / memory["plain"]["peak_mib"],
     }
+
+
+def depth_sweep(steps: int, device: str) -> dict:
+    """Training memory of both modes at every depth of the sweep, each in its own process."""
+    out: dict = {"layers_per_block": list(DEPTH_LAYERS),
+                 "dense_layers": [9 * n for n in DEPTH_LAYERS]}
+    for mode in ("plain", "memory_efficient"):
+        mibs = [memory_in_subprocess(f"depth-{n}", mode == "memory_efficient", steps,
+                                     device)["training_mib"] for n in DEPTH_LAYERS]
+        out[mode] = {"training_mib": mibs, "fit": fit_line_and_parabola(out["dense_layers"],
+                                                                         mibs)}
+    return out
+
+
+def depth_table(sweep: dict) -> str:
+    rows = ["| dense layers | " + " | ".join(str(d) for d in sweep["dense_layers"]) +
+            " | line R^2 | parabola R^2 |", "|---" * (len(sweep["dense_layers"]) + 3) + "|"]
+    for mode in ("plain", "memory_efficient"):
+        s = sweep[mode]
+        rows.append(f"| {mode.replace('_', '-')} | " +
+                    " | ".join(f"{m:.0f}" for m in s["training_mib"]) +
+                    f" | {s['fit']['line']['r2']:.4f} | {s['fit']['parabola']['r2']:.4f} |")
+    return "\n".join(rows)
 
 
 def table(results: dict) -> str:
@@ -146,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--only", choices=sorted(CONFIGS), help="one configuration")
+    p.add_argument("--only", choices=[*sorted(CONFIGS), "depth"],
+                   help="one configuration, or the depth sweep")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                    "segmentation.json")
@@ -155,15 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure_memory(*json.loads(args.child))))
         return 0
-    keys = [args.only] if args.only else list(CONFIGS)
+    keys = [args.only] if args.only else [*CONFIGS, "depth"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     for k in keys:  # each configuration written as soon as it is measured
-        results[k] = measure(k, args.steps, args.warmup, args.device)
+        if k == "depth":
+            results[k] = depth_sweep(max(1, args.warmup) + 1, args.device)
+            print(depth_table(results[k]), flush=True)
+        else:
+            results[k] = measure(k, args.steps, args.warmup, args.device)
+            print(table({k: results[k]}), flush=True)
         args.out.write_text(json.dumps(
             {"results": results, "environment": environment(resolve_device(args.device))},
             indent=2))
-        print(table({k: results[k]}), flush=True)
     return 0
 
 

@@ -134,6 +134,20 @@ def test_rgb_stem_adapts_to_grayscale_with_same_response(tmp_path):
         assert torch.allclose(gray(x), src(x.expand(-1, 3, -1, -1)), atol=1e-5)
 
 
+def test_load_takes_the_data_configuration_from_the_weights(tmp_path):
+    """load() sets the pretrained_cfg from the preprocessing the weights were evaluated with
+    (what timm's resolve_data_config reads), as create_model(weights=...) does."""
+    src = tiny(in_channels=1)
+    pre = {"resize": 36, "crop": 32, "mean": [0.3], "std": [0.2], "interpolation": "bicubic"}
+    path = save(src, tmp_path / "w.safetensors", meta={"preprocessing": pre},
+                model_name="densenet-bc-custom")
+    loaded = load(path)
+    assert loaded.pretrained_cfg["architecture"] == "densenet-bc-custom"
+    cfg = loaded.pretrained_cfg
+    assert cfg["input_size"] == (1, 32, 32) and cfg["crop_pct"] == round(32 / 36, 4)
+    assert (cfg["mean"], cfg["std"], cfg["interpolation"]) == ((0.3,), (0.2,), "bicubic")
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_save_load_roundtrip_needs_no_other_information(tmp_path, suffix):
     src = tiny(growth_rate=5, block_config=(3, 1), num_init_features=9, bottleneck=False,

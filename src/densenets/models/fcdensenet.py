@@ -138,7 +138,7 @@ def fcdensenet_pretrained_cfg(name: str | None, config: dict[str, Any],
     for RGB and 0.5/0.5 per channel otherwise. ``preprocessing`` (loaded weights'
     ``{"crop", "mean", "std", "interpolation"}``) takes precedence."""
     c, dims = int(config.get("in_channels", 3)), int(config.get("spatial_dims", 2))
-    side = int((preprocessing or {}).get("crop", 224 if dims < 3 else 64))
+    side = int((preprocessing or {}).get("crop") or (224 if dims < 3 else 64))
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
     cfg: dict[str, Any] = {
         "architecture": name, "tag": "untrained", "url": "", "hf_hub_id": None,

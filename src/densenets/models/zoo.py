@@ -178,10 +178,10 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
     }
     cfg.update(_NAMED_CFGS.get((name or "").lower(), {}))
     if preprocessing:
-        crop = int(preprocessing.get("crop", side))
+        crop = int(preprocessing.get("crop") or side)  # None: not recorded
         pool = final_map_side(crop, stem, len(config.get("block_config") or (6, 12, 24, 16)))
         cfg.update(input_size=(c, *[crop] * dims), pool_size=(pool,) * dims,
-                   crop_pct=round(crop / int(preprocessing.get("resize", crop)), 4))
+                   crop_pct=round(crop / int(preprocessing.get("resize") or crop), 4))
         for key in ("mean", "std"):
             if key in preprocessing:
                 cfg[key] = tuple(preprocessing[key])

@@ -195,6 +195,11 @@ def _built(name: str | None, ckpt: Checkpoint, overrides: dict[str, Any]) -> nn.
                                        {**layout.default_meta(model), **ckpt.meta})
     model.weights_meta.setdefault("source", ckpt.path)
     model.weights_meta.setdefault("model_name", ckpt.model_name or layout.name_of(model))
+    family = family_of(model)
+    if family is not None:  # the data configuration the weights were evaluated with
+        model.pretrained_cfg = family.pretrained_cfg(
+            name or model.weights_meta["model_name"], model.config.to_dict(),
+            model.weights_meta.get("preprocessing"))
     return model
 
 

@@ -146,6 +146,12 @@ def test_load_takes_the_data_configuration_from_the_weights(tmp_path):
     cfg = loaded.pretrained_cfg
     assert cfg["input_size"] == (1, 32, 32) and cfg["crop_pct"] == round(32 / 36, 4)
     assert (cfg["mean"], cfg["std"], cfg["interpolation"]) == ((0.3,), (0.2,), "bicubic")
+    # an image crop says nothing about a volume: weights that state no volume size keep the
+    # native 96^3 of a 3D ImageNet stem (the fallback preprocessing records a 224 crop)
+    vol = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, spatial_dims=3,
+                   in_channels=1, num_classes=2)
+    torch.save(vol.state_dict(), tmp_path / "vol.pt")
+    assert load(tmp_path / "vol.pt").pretrained_cfg["input_size"] == (1, 96, 96, 96)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

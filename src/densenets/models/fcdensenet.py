@@ -37,6 +37,7 @@ from .layers import (
     max_pool_nd,
     norm_layer,
 )
+from .zoo import recorded_sides
 
 # The paper's three configurations (Table 2 and Section 4): layers per dense block down, in the
 # bottleneck and up, and the growth rate.
@@ -138,11 +139,11 @@ def fcdensenet_pretrained_cfg(name: str | None, config: dict[str, Any],
     for RGB and 0.5/0.5 per channel otherwise. ``preprocessing`` (loaded weights'
     ``{"crop", "mean", "std", "interpolation"}``) takes precedence."""
     c, dims = int(config.get("in_channels", 3)), int(config.get("spatial_dims", 2))
-    side = int((preprocessing or {}).get("crop") or (224 if dims < 3 else 64))
+    sides = recorded_sides(preprocessing, dims) or (224 if dims < 3 else 64,) * dims
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
     cfg: dict[str, Any] = {
         "architecture": name, "tag": "untrained", "url": "", "hf_hub_id": None,
-        "num_classes": int(config.get("num_classes", 11)), "input_size": (c, *[side] * dims),
+        "num_classes": int(config.get("num_classes", 11)), "input_size": (c, *sides),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": tuple(mean), "std": tuple(std),
         "first_conv": "conv0", "classifier": "classifier",
         "paper_ids": "arXiv:1611.09326",

@@ -146,6 +146,19 @@ def final_map_side(side: int, stem: str, num_blocks: int) -> int:
     return side >> (num_blocks - 1)
 
 
+def recorded_sides(preprocessing: dict[str, Any] | None, dims: int) -> tuple[int, ...] | None:
+    """The input sides loaded weights' preprocessing records for a model of ``dims`` spatial
+    dimensions: the volume size for volumes, the centre crop for images; None when it records
+    none for that rank (an image crop says nothing about a signal or a volume, and the fallback
+    preprocessing of weights that state none records one for every model)."""
+    pre = preprocessing or {}
+    if dims == 3 and pre.get("volume_size"):
+        return tuple(int(s) for s in pre["volume_size"])
+    if dims == 2 and pre.get("crop"):
+        return (int(pre["crop"]),) * 2
+    return None
+
+
 def pretrained_cfg(name: str | None, config: dict[str, Any],
                    preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` for the zoo model ``name`` built with ``config``.
@@ -178,10 +191,14 @@ def pretrained_cfg(name: str | None, config: dict[str, Any],
     }
     cfg.update(_NAMED_CFGS.get((name or "").lower(), {}))
     if preprocessing:
-        crop = int(preprocessing.get("crop") or side)  # None: not recorded
-        pool = final_map_side(crop, stem, len(config.get("block_config") or (6, 12, 24, 16)))
-        cfg.update(input_size=(c, *[crop] * dims), pool_size=(pool,) * dims,
-                   crop_pct=round(crop / int(preprocessing.get("resize") or crop), 4))
+        sides = recorded_sides(preprocessing, dims)
+        if sides is not None:
+            blocks = len(config.get("block_config") or (6, 12, 24, 16))
+            cfg.update(input_size=(c, *sides),
+                       pool_size=tuple(final_map_side(s, stem, blocks) for s in sides))
+            if dims == 2:
+                cfg["crop_pct"] = round(sides[0] / int(preprocessing.get("resize") or sides[0]),
+                                        4)
         for key in ("mean", "std"):
             if key in preprocessing:
                 cfg[key] = tuple(preprocessing[key])

@@ -15,6 +15,7 @@ import torch
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..digest import file_digest
+from ..models.zoo import recorded_sides
 
 
 @dataclass(frozen=True)
@@ -174,18 +175,11 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PRETRAINED", "PretrainedWeights",
 def native_input_size(model: Any) -> tuple[int, ...]:
     """(C, *sides) the model's weights expect, one side per spatial dimension: a volume
     model's recorded volume size, an image model's centre crop, else the model's own native
-    size (its ``pretrained_cfg["input_size"]``: 96^3 for 3D ImageNet stems, 224 for 1D).
-
-    An image crop says nothing about a signal or a volume: the library's fallback
-    preprocessing records one for every model, so it counts for 2D models only.
+    size (its ``pretrained_cfg["input_size"]``: 96^3 for 3D ImageNet stems, 224 for 1D);
+    :func:`~densenets.models.zoo.recorded_sides` says which record counts for which rank.
     """
     pre = complete_meta(model.config.to_dict(), getattr(model, "weights_meta", None))[
         "preprocessing"]
     dims = int(getattr(model.config, "spatial_dims", 2))
-    if dims == 3 and pre.get("volume_size"):
-        sides = tuple(pre["volume_size"])
-    elif dims == 2 and pre.get("crop"):
-        sides = (pre["crop"],) * 2
-    else:
-        sides = tuple(model.pretrained_cfg["input_size"])[1:]
+    sides = recorded_sides(pre, dims) or tuple(model.pretrained_cfg["input_size"])[1:]
     return (int(model.config.in_channels), *(int(s) for s in sides))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from support import vary_bn
 
-from densenets import create_model, save
+from densenets import DenseNet, create_model, save
 from densenets.cli import main
 from densenets.deploy.export import export, read_metadata, run_exported, within_tolerance
 
@@ -86,6 +86,18 @@ def test_cli_exports_any_zoo_name_with_random_weights(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "exported densenet-bc-16-k4" in text and "(ok, tolerance 0.0001" in text
     assert read_metadata(out, "exported-program")["model_config"]["num_classes"] == 7
+
+
+def test_cli_default_output_is_named_after_the_model_or_its_file(tmp_path, monkeypatch):
+    """A zoo name names the file; weights without one (their name is a description of the
+    architecture) give the source file's name."""
+    monkeypatch.chdir(tmp_path)
+    mine = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, stem="cifar",
+                    num_classes=3)
+    src = save(mine, tmp_path / "mine.safetensors")
+    assert main(["export", str(src), "--format", "torchscript", "--no-check"]) == 0
+    assert main(["export", "densenet-bc-16-k4", "--format", "torchscript", "--no-check"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["densenet-bc-16-k4.pt", "mine.pt"]
 
 
 def test_cli_export_errors_are_one_line(tmp_path, capsys):

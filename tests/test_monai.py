@@ -205,3 +205,27 @@ def test_cli_reads_a_monai_checkpoint(tmp_path):
     code, out, err = run_cli(["summary", str(path), "--json"])
     assert code == 0, err
     assert json.loads(out)["total_params"] == count(theirs)
+
+
+def test_cli_exports_for_monai_and_monai_loads_it_strictly(tmp_path):
+    """`densenets export --format monai`: the state dict MONAI's DenseNet, built with the
+    arguments the command prints, loads with strict=True and runs to the same outputs."""
+    ours = vary_bn(create_model("densenet121", spatial_dims=3, in_channels=1, num_classes=2,
+                                block_config=(2, 2), growth_rate=8, num_init_features=16).eval())
+    src = densenets.save(ours, tmp_path / "ours.safetensors")
+    out = tmp_path / "for_monai.pt"
+    code, stdout, err = run_cli(["export", str(src), "--format", "monai", "-o", str(out),
+                                 "--json"])
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["check_passed"] and info["format"] == "monai"
+    theirs = nets.DenseNet(**info["monai_kwargs"])
+    theirs.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert same_outputs(ours, theirs, torch.randn(2, 1, 32, 32, 32)) < 1e-10
+    code, stdout, _ = run_cli(["export", str(src), "--format", "monai", "-o",
+                               str(tmp_path / "m.safetensors")])
+    assert code == 0 and "monai.networks.nets.DenseNet(spatial_dims=3" in stdout
+    code, _, err = run_cli(["export", "densenet-bc-40-k12", "--format", "monai", "-o",
+                            str(tmp_path / "c.pt")])
+    assert code == 2 and "MONAI's DenseNet cannot hold" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.pt").exists()

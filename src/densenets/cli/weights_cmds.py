@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from ..deploy.export import FORMATS, check_destination, export, verify, within_tolerance
+from ..deploy.export import (
+    FORMATS,
+    check_destination,
+    export,
+    monai_runner,
+    verify,
+    within_tolerance,
+)
 from ..deploy.predict import predict_files, weights_meta
 from ..deploy.segment import is_segmentation_model, predict_masks
 from .flags import JSON, add_device_flag, add_model_source, is_file_spec, model_of, verb
@@ -21,9 +29,12 @@ from .flags import JSON, add_device_flag, add_model_source, is_file_spec, model_
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = verb(sub, "export", cmd_export,
-             "export a model to ONNX, TorchScript or a torch.export program", json=JSON)
+             "export a model to ONNX, TorchScript, a torch.export program or MONAI's layout",
+             json=JSON)
     _add_source(p)
-    p.add_argument("--format", choices=list(FORMATS), default="onnx", help="default: onnx")
+    p.add_argument("--format", choices=list(FORMATS), default="onnx",
+                   help="default: onnx; monai: the state dict MONAI's DenseNet loads "
+                        "(.pt/.pth/.safetensors)")
     p.add_argument("-o", "--output", help="output file (default: MODEL.onnx/.pt/.pt2)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="let the batch dimension vary (TorchScript traces always do)")
@@ -68,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.output:  # before loading anything: a bad destination fails in a moment
         check_destination(args.output, FORMATS[args.format])
     name, model = model_of(args)
-    out = args.output or f"{Path(name).name}{FORMATS[args.format]}"
+    out = args.output or _default_output(name, args)
     size = tuple(args.input_size) if args.input_size else None
     result = export(model, out, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset,
                     input_size=size)
@@ -82,8 +93,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             "dynamic_batch": result.dynamic_batch, "bytes": result.path.stat().st_size,
             "opset": result.opset, "max_abs_diff": diff, "max_abs_output": scale,
             "check_passed": ok if diff is not None else None}
+    if args.format == "monai":
+        from ..weights.monai_keys import monai_kwargs
+
+        info["monai_kwargs"] = monai_kwargs(model)
     if args.json:
         print(json.dumps(info, indent=2))
+    elif args.format == "monai":
+        _print_monai(name, args, info, check_batch)
     else:
         extra = f", opset {result.opset}" if result.opset else ""
         print(f"exported {_named(name, args)} to {result.path} ({result.format} via "
@@ -101,6 +118,31 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"> {args.tolerance:g} x max(1, {scale:.3g})", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_output(name: str, args: argparse.Namespace) -> str:
+    """NAME + the format's suffix: the model's name, or the source's when the name is a
+    description of the architecture (weights saved without a zoo name)."""
+    base = Path(name).name
+    if not re.fullmatch(r"[\w.+-]+", base):
+        base = Path(args.model.rstrip("/")).stem
+    return f"{base}{FORMATS[args.format]}"
+
+
+def _print_monai(name: str, args: argparse.Namespace, info: dict, batch: int) -> None:
+    kw = ", ".join(f"{k}={v!r}" for k, v in info["monai_kwargs"].items())
+    path = info["file"]
+    read = (f"safetensors.torch.load_file({path!r})" if path.endswith(".safetensors")
+            else f"torch.load({path!r}, weights_only=True)")
+    print(f"exported {_named(name, args)} to {path} (a state dict in MONAI's layout, "
+          f"{_size(info['bytes'])}); in MONAI: net = monai.networks.nets.DenseNet({kw}); "
+          f"net.load_state_dict({read})")
+    if info["max_abs_diff"] is not None:
+        print(f"check: {monai_runner()} vs PyTorch on a batch of {batch} at "
+              f"{'x'.join(map(str, info['example_input'][1:]))}, max |diff| = "
+              f"{info['max_abs_diff']:.2e} on outputs up to {info['max_abs_output']:.3g} "
+              f"({'ok' if info['check_passed'] else 'FAILED'}, tolerance {args.tolerance:g} x "
+              "max(1, output))")
 
 
 def _size(n: int) -> str:

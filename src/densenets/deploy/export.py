@@ -1,9 +1,11 @@
-"""Export a DenseNet for deployment: ONNX, TorchScript, or a torch.export ExportedProgram.
+"""Export a DenseNet for deployment: ONNX, TorchScript, a torch.export ExportedProgram, or the
+state dict MONAI's DenseNet loads.
 
 ONNX uses torch's exporter built on torch.export (``dynamo=True``, which needs onnxscript)
 wherever it exists, and falls back to the TorchScript-based exporter on torch releases or
-installs without it. Every artefact carries the model's configuration, class names and
-preprocessing as metadata, and :func:`verify` runs it and compares with PyTorch.
+installs without it. Every graph artefact carries the model's configuration, class names and
+preprocessing as metadata (a MONAI state dict holds weights only), and :func:`verify` runs it and
+compares with PyTorch: a MONAI state dict in MONAI's own DenseNet, loaded strictly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import nn
 from ..weights.pretrained import native_input_size
 from .predict import weights_meta
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2",
+           "monai": ".monai.pt"}
 META_KEY = "densenets.json"
 
 
@@ -84,6 +87,11 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     if format == "exported-program" and p.suffix != ".pt2":
         raise ValueError(f"an ExportedProgram archive must end in .pt2 (torch.export.load "
                          f"refuses other names); got {p}")
+    if format == "monai":  # weights only: MONAI builds the network from its own arguments
+        from ..weights.files import save
+
+        save(model, p, layout="monai")
+        return ExportResult(p, format, "densenets.save(layout='monai')", tuple(x.shape), True)
     meta = json.dumps(export_metadata(model))
     if format == "onnx":
         exporter = _export_onnx(model, x, p, dynamic_batch, opset, meta)
@@ -221,8 +229,41 @@ def verify(path: str | os.PathLike, format: str, model: nn.Module, batch_size: i
     x = example_input(model, batch_size, input_size)
     with torch.inference_mode():
         expected = model.eval()(x)
-    diff = (run_exported(path, format, x) - expected).abs().max()
+    got = run_monai(path, model, x) if format == "monai" else run_exported(path, format, x)
+    diff = (got - expected).abs().max()
     return float(diff), float(expected.abs().max())
+
+
+def monai_runner() -> str:
+    """What :func:`run_monai` runs a MONAI state dict in here."""
+    if importlib.util.find_spec("monai") is None:
+        return "densenets.load (MONAI is not installed)"
+    return "MONAI's DenseNet (strict load)"
+
+
+def run_monai(path: str | os.PathLike, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a state dict written in MONAI's layout on ``x``: in MONAI's DenseNet built with
+    ``model``'s arguments and loaded with ``strict=True``; without MONAI, read back by
+    :func:`densenets.load` (which reads MONAI's layout)."""
+    from ..weights.files import load
+    from ..weights.monai_keys import monai_kwargs
+
+    if importlib.util.find_spec("monai") is None:
+        net = load(path)
+    else:
+        from monai.networks.nets import DenseNet
+
+        net = DenseNet(**monai_kwargs(model))
+        p = Path(path)
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    with torch.inference_mode():
+        return net.eval()(x)
 
 
 def within_tolerance(diff: float, scale: float, tolerance: float) -> bool:

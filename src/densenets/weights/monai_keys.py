@@ -140,16 +140,32 @@ def _monai_cannot(model: nn.Module) -> str | None:
     return None
 
 
-def monai_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s weights in the layout MONAI's ``DenseNet`` (and ``DenseNet121/169/201/264``
-    of the same configuration) loads with ``strict=True``, or ValueError saying why MONAI's
-    DenseNet cannot express the model."""
+def _check_monai(model: nn.Module) -> None:
     why = _monai_cannot(model)
     if why:
         raise ValueError(f"MONAI's DenseNet cannot hold this model: {why}; save it in "
                          "densenets' layout (layout=None)")
+
+
+def monai_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights in the layout MONAI's ``DenseNet`` (and ``DenseNet121/169/201/264``
+    of the same configuration) loads with ``strict=True``, or ValueError saying why MONAI's
+    DenseNet cannot express the model."""
+    _check_monai(model)
     return to_monai_keys({k: v.detach().cpu().contiguous()
                           for k, v in model.state_dict().items()})
+
+
+def monai_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The arguments of MONAI's ``DenseNet`` that build ``model``'s network: the one a file
+    written by :func:`monai_state_dict` loads into (ValueError as there when there is none)."""
+    _check_monai(model)
+    c = model.config
+    norm = c.norm if isinstance(c.norm, str) else (c.norm[0], dict(c.norm[1]))
+    return {"spatial_dims": c.spatial_dims, "in_channels": c.in_channels,
+            "out_channels": c.num_classes, "init_features": c.num_init_features,
+            "growth_rate": c.growth_rate, "block_config": tuple(c.block_config),
+            "bn_size": c.bn_size, "norm": norm, "dropout_prob": float(c.drop_rate)}
 
 
 # The DenseNet family's checkpoint layout (keymap's) that reads MONAI's keys too, and builds
@@ -158,4 +174,5 @@ MONAI_LAYOUT = dataclasses.replace(DENSENET_LAYOUT, canonical=canonical_state_di
                                    build=build_any_rank)
 
 __all__ = ["MONAI_LAYOUT", "build_any_rank", "canonical_state_dict", "from_monai_keys",
-           "infer_nd_config", "monai_state_dict", "norm_shown", "to_monai_keys"]
+           "infer_nd_config", "monai_kwargs", "monai_state_dict", "norm_shown",
+           "to_monai_keys"]

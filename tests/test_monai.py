@@ -229,3 +229,17 @@ def test_cli_exports_for_monai_and_monai_loads_it_strictly(tmp_path):
                             str(tmp_path / "c.pt")])
     assert code == 2 and "MONAI's DenseNet cannot hold" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.pt").exists()
+
+
+def test_monai_export_check_without_monai_reads_the_file_back(tmp_path, monkeypatch):
+    from densenets.deploy import export as exp
+
+    ours = vary_bn(create_model("densenet121", in_channels=1, num_classes=2,
+                                block_config=(2, 2)).eval())
+    path = exp.export(ours, tmp_path / "m.monai.pt", "monai").path
+    real = exp.importlib.util.find_spec
+    monkeypatch.setattr(exp.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "monai" else real(name, *a))
+    assert exp.monai_runner().startswith("densenets.load")
+    diff, scale = exp.verify(path, "monai", ours, input_size=(1, 32, 32))
+    assert diff < 1e-6 * max(1.0, scale)

@@ -111,6 +111,21 @@ def test_dropout_draws_the_same_masks(bottleneck, channels_last, backend):
     assert not torch.allclose(y1, efficient(xs[0]))
 
 
+def test_dropout_masks_are_kept_as_booleans_and_their_kept_value():
+    """A float mask is the size of the maps it drops (4k channels for a bottleneck's): the block
+    keeps booleans and each mask's kept value, which give backward the float mask bit for bit
+    (the parity tests above train through it)."""
+    torch.manual_seed(0)
+    block = DenseBlock(3, 8, 4, bn_size=2, drop_rate=0.3, memory_efficient=True).train()
+    x = torch.randn(2, 8, 5, 6)
+    outs = torch.ops.densenets.dense_block(x, eff._params(block), 4, 8, [0.3] * 3, 1e-5, 1e-5,
+                                           False, eff.backend())
+    saved = eff.ops.outputs(outs)[1]
+    assert [(m.dtype, m.shape[1]) for m in saved.noises] == [(torch.bool, 8), (torch.bool, 4)] * 3
+    kept = torch.nn.functional.dropout(torch.ones(1000), 0.3, training=True).max()
+    assert torch.equal(saved.scales, kept.expand(6))
+
+
 def test_eval_outputs_identical():
     plain, efficient = make_pair(bottleneck=True, stem="imagenet")
     x = inputs("imagenet")[0]

@@ -134,12 +134,16 @@ class Saved:
     block: Tensor  # [M, C] the raw block (backends that normalise on load), unless the output
     #                is the block buffer itself (channels-last): then backward views the output
     z: Tensor  # [L, M, 4k] the raw bottleneck outputs (backends that normalise on load)
-    noises: list[Tensor] = field(default_factory=list)  # dropout masks, in the order drawn
+    # Dropout: each mask's kept value as F.dropout computed it (1 / (1 - p) in the compute
+    # dtype), one per mask, and the masks as booleans [M, c] in the order drawn (a quarter of
+    # float32 masks' memory; :func:`_mask` gives backward the float mask back, bit for bit).
+    scales: Tensor
+    noises: list[Tensor] = field(default_factory=list)
 
     @staticmethod
     def new(spec: BlockSpec, m: int, device: torch.device, normalises_on_load: bool,
             batch: int) -> Saved:
-        """A record with every tensor allocated but ``block`` and ``noises``."""
+        """A record with every tensor allocated but ``block``, ``scales`` and ``noises``."""
         c, layers, b = spec.out_channels, spec.num_layers, spec.inter_channels
         cdt, acc = spec.compute_dtype, spec.acc_dtype
 
@@ -157,7 +161,8 @@ class Saved:
                      zhat=new(*(none if on_load or not spec.keep_bottleneck else per_layer),
                               dtype=cdt),
                      block=new(*none, dtype=cdt),
-                     z=new(*(per_layer if on_load else none), dtype=cdt))
+                     z=new(*(per_layer if on_load else none), dtype=cdt),
+                     scales=new(*none, dtype=cdt))
 
 
 class Passes(Protocol):
@@ -240,14 +245,24 @@ def _forward(passes: type[Passes], spec: BlockSpec, x: Tensor, params) -> tuple[
 
 
 def _noise(saved: Saved, spec: BlockSpec, x: Tensor, channels: int, p: float) -> Tensor | None:
-    """A dropout mask [M, channels] drawn now (the plain model's order), kept for backward."""
+    """A dropout mask [M, channels] drawn now (the plain model's order), kept for backward as
+    booleans and its kept value."""
     if p == 0:
         return None
     shape = (x.shape[0], channels, *x.shape[2:])
     # laid out as the plain model's tensor is (the output may differ, see dispatch)
-    saved.noises.append(dropout_noise(shape, p, spec.compute_dtype, x.device,
-                                      draws_channels_last(x)))
-    return saved.noises[-1]
+    noise = dropout_noise(shape, p, spec.compute_dtype, x.device, draws_channels_last(x))
+    saved.noises.append(noise != 0)
+    # the kept value itself (the mask holds 0 or it), so no arithmetic here can differ from
+    # F.dropout's; a mask that keeps nothing has no kept value to need
+    saved.scales = torch.cat([saved.scales, noise.amax().view(1)])
+    return noise
+
+
+def _mask(saved: Saved, masks: list[Tensor]) -> Tensor:
+    """The float mask of the last of ``masks`` (taken off the list), as forward drew it."""
+    i = len(masks) - 1
+    return masks.pop().to(saved.scales.dtype) * saved.scales[i]
 
 
 def backward(passes: type[Passes], spec: BlockSpec, grad_out: Tensor, result: Tensor, params,
@@ -278,9 +293,9 @@ def _backward(passes: type[Passes], spec: BlockSpec, grad_out: Tensor, result: T
         # the last layer's channels have no reader: only the block output's gradient
         d_new = direct if i == last else run.channel_grad(c, g_sum[:, c:c + k], direct, True)
         if spec.drop_rates[i] > 0:
-            d_new = d_new * noises.pop()
+            d_new = d_new * _mask(saved, noises)
         d_new = unrows(d_new.to(cdt).contiguous(), n, spatial)
-        noise = noises.pop() if spec.bottleneck and spec.drop_rates[i] > 0 else None
+        noise = _mask(saved, noises) if spec.bottleneck and spec.drop_rates[i] > 0 else None
         h = run.recompute_conv_input(i, c, p, noise)
         dh, dw_growth = growth_conv_grads(d_new, unrows(h, n, spatial), p.w_growth.to(cdt))
         # the last layer reads every earlier channel: it writes g_sum, the others add to it
@@ -304,7 +319,8 @@ def fake_forward(passes: type[Passes], spec: BlockSpec, x: Tensor) -> tuple[Tens
     widths = ([spec.inter_channels] if spec.bottleneck else []) + [spec.growth_rate]
     for p in spec.drop_rates:
         if p > 0:  # the masks _noise draws, in its order
-            saved.noises += [torch.empty((m, w), dtype=cdt, device=dev) for w in widths]
+            saved.noises += [torch.empty((m, w), dtype=torch.bool, device=dev) for w in widths]
+    saved.scales = torch.empty(len(saved.noises), dtype=cdt, device=dev)
     fmt = memory_format(spatial_rank(x.shape), spec.channels_last)
     result = torch.empty((n, spec.out_channels, *spatial), dtype=cdt, device=dev,
                          memory_format=fmt)

@@ -13,8 +13,10 @@ fresh process (analysis.bench's measures: peak RSS on CPU, max_memory_allocated 
 training memory is the peak minus what the process held with the model and batch built, so the
 ~700 MiB of torch's own import does not dilute the ratio (the peak itself is recorded too).
 Memory against depth: an FC-DenseNet with four pools, k = 12 and L layers in every dense block
-(L = 4, 8, 12, 16: 9L dense layers), 96x96, batch 2, each mode and depth in its own process; a
-line and a parabola fitted to each curve (linear when the parabola fits no better).
+(L = 4, 8, 12, 16: 9L dense layers), 96x96, batch 4, each mode and depth in its own process,
+three times (the median counts: a CPU's peak memory includes what the allocator keeps, which
+moves from run to run); a line and a parabola fitted to each curve (linear when the parabola
+fits no better).
 Results go to benchmarks/results/segmentation.json and print as markdown tables.
 """
 
@@ -52,12 +54,13 @@ CONFIGS = {
 }
 TARGETS = {"memory": 0.5, "speed": 1.0}  # efficient/plain memory at most, speed at least
 DEPTH_LAYERS = (4, 8, 12, 16)  # layers per dense block in the depth sweep
+DEPTH_REPEATS = 3  # fresh processes per point of the sweep; the median counts
 
 
 def depth_config(layers: int) -> tuple[str, dict, int, int]:
     """The sweep's FC-DenseNet with ``layers`` layers in each of its 9 dense blocks."""
     return ("fcdensenet56", dict(num_classes=11, growth_rate=12, down_blocks=(layers,) * 4,
-                                 bottleneck_layers=layers), 96, 2)
+                                 bottleneck_layers=layers), 96, 4)
 
 
 def config(key: str) -> tuple[str, dict, int, int]:
@@ -145,10 +148,12 @@ def depth_sweep(steps: int, device: str) -> dict:
     out: dict = {"layers_per_block": list(DEPTH_LAYERS),
                  "dense_layers": [9 * n for n in DEPTH_LAYERS]}
     for mode in ("plain", "memory_efficient"):
-        mibs = [memory_in_subprocess(f"depth-{n}", mode == "memory_efficient", steps,
-                                     device)["training_mib"] for n in DEPTH_LAYERS]
-        out[mode] = {"training_mib": mibs, "fit": fit_line_and_parabola(out["dense_layers"],
-                                                                         mibs)}
+        runs = [[memory_in_subprocess(f"depth-{n}", mode == "memory_efficient", steps,
+                                      device)["training_mib"] for _ in range(DEPTH_REPEATS)]
+                for n in DEPTH_LAYERS]
+        mibs = [statistics.median(r) for r in runs]
+        out[mode] = {"training_mib": mibs, "runs_mib": runs,
+                     "fit": fit_line_and_parabola(out["dense_layers"], mibs)}
     return out
 
 

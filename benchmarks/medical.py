@@ -10,11 +10,13 @@ machine's CPU. Four implementations of the same network (11,244,674 parameters e
 memory-efficient.
 
 Speed: the four take turns step by step in one process on the same data (a busy machine slows
-them alike); the median step counts. Memory: each figure from a fresh process, the training
+them alike); the median step counts. Memory: each figure from fresh processes, the training
 memory being the peak resident set minus what the process held once the model and the batch
-were built (so torch's own import does not dilute the ratios). The depth sweep trains 3D
-DenseNet-BC (k = 12, CIFAR stem) at several depths, plain and memory-efficient, each in its own
-process, and fits a line and a parabola to memory against depth.
+were built (so torch's own import does not dilute the ratios); three processes per figure and
+the median counts, since what the C allocator keeps after a free moves a CPU's peak by some
+tens of MiB from run to run. The depth sweep trains 3D DenseNet-BC (k = 12, CIFAR stem) at
+several depths, plain and memory-efficient, the same way, and fits a line and a parabola to
+memory against depth.
 
 Results go to benchmarks/results/medical.json (each measurement as it is made, so a stopped run
 keeps what it measured) and into docs/benchmarks.md between the ``medical-cpu`` markers.
@@ -52,6 +54,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "medical.json"
 TARGETS = {128: {"memory": 0.45, "speed": 1.0},
            96: {"memory": 0.5, "memory_vs_checkpointed": 0.7, "speed": 1.0}}
 DEPTHS = (40, 70, 100, 130)
+REPEATS = 3  # fresh processes per memory figure; the median counts
 
 
 def build(impl: str, depth: int | None = None) -> torch.nn.Module:
@@ -123,6 +126,13 @@ def in_child(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def median_memory(spec: dict) -> dict:
+    """:func:`in_child` ``REPEATS`` times: the median run's figures, and every run's."""
+    runs = [in_child(spec) for _ in range(REPEATS)]
+    middle = sorted(runs, key=lambda r: r["train_mib"])[len(runs) // 2]
+    return {**middle, "runs_mib": [r["train_mib"] for r in runs]}
+
+
 def speeds(side: int, steps: int, warmup: int) -> dict[str, list[float]]:
     """Step times of the four implementations, taking turns step by step."""
     runs = {impl: Step(build(impl), side) for impl in IMPLS}
@@ -141,7 +151,7 @@ def measure_size(row: dict, steps: int, warmup: int, save) -> dict:
     side = row["side"]
     row["batch"] = 2
     for impl in IMPLS:
-        row.setdefault("memory", {})[impl] = in_child(
+        row.setdefault("memory", {})[impl] = median_memory(
             {"impl": impl, "side": side, "steps": 2})
         save()
     times = speeds(side, steps, warmup)
@@ -156,8 +166,8 @@ def depth_sweep(out: dict, save) -> dict:
     for impl in ("densenets plain", "densenets memory-efficient"):
         mibs = []
         for depth in DEPTHS:
-            mibs.append(in_child({"impl": impl, "side": side, "steps": 2,
-                                  "depth": depth})["train_mib"])
+            mibs.append(median_memory({"impl": impl, "side": side, "steps": 2,
+                                       "depth": depth})["train_mib"])
             out[impl] = {"train_mib": mibs}
             save()
         out[impl]["fit"] = fit_line_and_parabola(list(DEPTHS), mibs)
@@ -179,8 +189,8 @@ def markdown(res: dict) -> str:
     lines = [f"Machine: {env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch "
              f"threads; torch {env['torch']}, MONAI {res.get('monai', '?')}. Measured "
              f"{res['date']}. 3D DenseNet-121, one channel, batch 2, fp32; training memory = peak "
-             "RSS minus RSS before the first step, each from its own process; speed = median "
-             "step, the four taking turns in one process.", "",
+             f"RSS minus RSS before the first step, the median of {REPEATS} fresh processes; "
+             "speed = median step, the four taking turns in one process.", "",
              "| volume | implementation | step s | speed vs MONAI plain | training MiB | "
              "memory vs MONAI plain | vs MONAI checkpointed |", "|---|---|---|---|---|---|---|"]
     for row in res["sizes"]:
@@ -198,7 +208,8 @@ def markdown(res: dict) -> str:
     if sweep and all("fit" in sweep.get(k, {}) for k in ("densenets plain",
                                                          "densenets memory-efficient")):
         lines += ["", f"Memory against depth, 3D DenseNet-BC k=12 (CIFAR stem), "
-                      f"{sweep['side']}^3, batch 2 (training MiB):", "",
+                      f"{sweep['side']}^3, batch 2 (training MiB, the median of {REPEATS} "
+                      "processes each):", "",
                   "| depth | " + " | ".join(str(d) for d in sweep["depths"]) +
                   " | line R^2 | parabola R^2 |", "|---" * (len(sweep["depths"]) + 3) + "|"]
         for impl in ("densenets plain", "densenets memory-efficient"):

@@ -26,12 +26,17 @@ def small(**kw) -> DenseNet:
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
-def test_saved_memory_is_linear_in_depth(bottleneck):
-    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("dims,drop_rate", [(2, 0.0), (3, 0.2)])
+def test_saved_memory_is_linear_in_depth(bottleneck, dims, drop_rate):
+    """Images, and volumes (memory first: no normalised copy, no bottleneck outputs) with
+    dropout (boolean masks): the efficient block keeps O(L) tensors, the plain one O(L^2)."""
+    x = torch.randn(2, 8, *[5] * dims)
+    x = x.to(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[dims])
     for efficient in (True, False):
         sizes = []
         for layers in (2, 4, 6):
-            block = DenseBlock(layers, 8, 4, bottleneck=bottleneck, memory_efficient=efficient)
+            block = DenseBlock(layers, 8, 4, bottleneck=bottleneck, memory_efficient=efficient,
+                               spatial_dims=dims, drop_rate=drop_rate)
             sizes.append(saved_bytes(block.train(), x.clone()))
         second_difference = sizes[2] - 2 * sizes[1] + sizes[0]
         if efficient:

@@ -45,7 +45,9 @@ from densenets.analysis.bench import (  # noqa: E402
     current_memory_mib,
     environment,
     fit_line_and_parabola,
+    median_run,
     peak_memory_mib,
+    time_alternating,
 )
 
 IMPLS = ("monai plain", "monai checkpointed", "densenets plain", "densenets memory-efficient")
@@ -128,22 +130,7 @@ def in_child(spec: dict) -> dict:
 
 def median_memory(spec: dict) -> dict:
     """:func:`in_child` ``REPEATS`` times: the median run's figures, and every run's."""
-    runs = [in_child(spec) for _ in range(REPEATS)]
-    middle = sorted(runs, key=lambda r: r["train_mib"])[len(runs) // 2]
-    return {**middle, "runs_mib": [r["train_mib"] for r in runs]}
-
-
-def speeds(side: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Step times of the four implementations, taking turns step by step."""
-    runs = {impl: Step(build(impl), side) for impl in IMPLS}
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    for _ in range(steps):
-        for impl, run in runs.items():
-            times[impl].append(run())
-    return times
+    return median_run(lambda: in_child(spec), "train_mib", REPEATS)
 
 
 def measure_size(row: dict, steps: int, warmup: int, save) -> dict:
@@ -154,7 +141,8 @@ def measure_size(row: dict, steps: int, warmup: int, save) -> dict:
         row.setdefault("memory", {})[impl] = median_memory(
             {"impl": impl, "side": side, "steps": 2})
         save()
-    times = speeds(side, steps, warmup)
+    # the four take turns step by step on the same data
+    times = time_alternating({impl: Step(build(impl), side) for impl in IMPLS}, steps, warmup)
     row["step_s"] = times
     row["median_step_s"] = {k: statistics.median(v) for k, v in times.items()}
     return row

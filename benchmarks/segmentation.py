@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ from densenets.analysis.bench import (  # noqa: E402
     current_memory_mib,
     environment,
     fit_line_and_parabola,
+    median_run,
     peak_memory_mib,
     resolve_device,
     time_alternating,
@@ -148,11 +150,12 @@ def depth_sweep(steps: int, device: str) -> dict:
     out: dict = {"layers_per_block": list(DEPTH_LAYERS),
                  "dense_layers": [9 * n for n in DEPTH_LAYERS]}
     for mode in ("plain", "memory_efficient"):
-        runs = [[memory_in_subprocess(f"depth-{n}", mode == "memory_efficient", steps,
-                                      device)["training_mib"] for _ in range(DEPTH_REPEATS)]
-                for n in DEPTH_LAYERS]
-        mibs = [statistics.median(r) for r in runs]
-        out[mode] = {"training_mib": mibs, "runs_mib": runs,
+        efficient = mode == "memory_efficient"
+        points = [median_run(partial(memory_in_subprocess, f"depth-{n}", efficient, steps,
+                                     device), "training_mib", DEPTH_REPEATS)
+                  for n in DEPTH_LAYERS]
+        mibs = [p["training_mib"] for p in points]
+        out[mode] = {"training_mib": mibs, "runs_mib": [p["runs_training_mib"] for p in points],
                      "fit": fit_line_and_parabola(out["dense_layers"], mibs)}
     return out
 

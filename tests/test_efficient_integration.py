@@ -183,3 +183,11 @@ def test_line_and_parabola_fit():
     curved = fit_line_and_parabola(depths, [d * d for d in depths])
     assert curved["parabola"]["r2"] == pytest.approx(1)
     assert curved["line"]["r2"] < 0.999
+
+
+def test_median_run_keeps_the_median_run_and_every_figure():
+    from densenets.analysis.bench import median_run
+
+    figures = iter([{"mib": 412, "peak": 1}, {"mib": 380, "peak": 2}, {"mib": 387, "peak": 3}])
+    out = median_run(lambda: next(figures), "mib", repeats=3)
+    assert out == {"mib": 387, "peak": 3, "runs_mib": [412, 380, 387]}

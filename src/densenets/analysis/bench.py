@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -151,7 +152,17 @@ class TrainStep:
         return time.perf_counter() - start
 
 
-def time_alternating(steps: dict[str, TrainStep], n: int, warmup: int) -> dict[str, list[float]]:
+def median_run(run: Callable[[], dict], key: str, repeats: int = 3) -> dict:
+    """``run()`` (a measurement in a fresh process, say) ``repeats`` times: the run whose
+    ``key`` is the median, with every run's ``key`` as ``runs_<key>``. A CPU's peak memory
+    includes what the C allocator keeps after a free, which moves from process to process."""
+    runs = [run() for _ in range(repeats)]
+    middle = sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+    return {**middle, f"runs_{key}": [r[key] for r in runs]}
+
+
+def time_alternating(steps: dict[str, Callable[[], float]], n: int,
+                     warmup: int) -> dict[str, list[float]]:
     """Warm every model up, then time ``n`` steps of each, taking turns step by step."""
     for step in steps.values():
         for _ in range(warmup):
